@@ -1,0 +1,312 @@
+"""Run configuration: nested dataclasses, presets, dotted command-line overrides and validation.
+
+Every job takes ``--preset NAME`` followed by dotted overrides::
+
+    python jobs/lm_wikitext.py --preset smoke --memory.num_tokens 10 --memory.bptt_unroll 2
+
+The flat form (``{"memory.num_tokens": 10, ...}``) is what MLflow logs as params and what Ray Tune
+param spaces use; ``from_flat(to_flat(cfg)) == cfg``. Bad values raise :class:`ConfigError` with one
+line naming the key, the value and the rule; jobs turn it into exit code 2 before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``str(err)`` is the one line shown to the user."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field whose help text becomes the ``--help`` line of its dotted key."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("builtin", "builtin (decoder-only pre-LN transformer) or hf (pretrained Hugging Face model)")
+    hf_name_or_path: str = _f("", "hub name or local directory of the pretrained model (backbone=hf)")
+    vocab_size: int = _f(0, "output vocabulary; 0 = take it from the data's tokenizer")
+    d_model: int = _f(64, "model width")
+    n_layers: int = _f(2, "transformer blocks")
+    n_heads: int = _f(4, "attention heads; must divide d_model")
+    d_ff: int = _f(256, "feed-forward hidden width")
+    dropout: float = _f(0.0, "dropout probability in attention output and feed-forward")
+    rope_base: float = _f(10000.0, "rotary position embedding base")
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = _f("rmt", "none | memtr | xl | rmt | rmt_xl")
+    num_tokens: int = _f(10, "memory tokens (memtr, rmt, rmt_xl)")
+    xl_len: int = _f(0, "Transformer-XL cache length per layer (xl, rmt_xl)")
+    bptt_unroll: int = _f(2, "previous segments gradients reach: 0 = detach every segment, -1 = full BPTT")
+    bptt_mode: str = _f("sliding", "sliding (each segment's loss reaches exactly k previous) | window (detach every k+1)")
+    replay_backprop: bool = _f(False, "full BPTT at constant activation memory by recomputing segments backwards")
+    aux_loss_weight: float = _f(0.0, "weight of the auxiliary memory-token loss (rmt_xl; the paper used 0.01)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("smoke", "smoke | wikitext-103 | wikitext-103-raw | enwik8 | task")
+    path: str = _f("", "local directory/file or s3://bucket/prefix of the corpus; empty = the default source")
+    segment_len: int = _f(32, "tokens per segment")
+    num_segments: int = _f(4, "segments per training window (LM) or per sample (tasks)")
+    task: str = _f("copy", "copy | reverse | assoc | quadratic | sort (dataset=task)")
+    task_length: int = _f(8, "source length of copy/reverse, pairs for assoc, sequence length for sort")
+    num_train: int = _f(100_000, "training samples for tasks")
+    num_valid: int = _f(5_000, "validation samples for tasks")
+    num_test: int = _f(10_000, "test samples for tasks")
+    cache_dir: str = _f("", "where tokenized corpora are cached; empty = ~/.cache/rmt_dist")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(8, "sequences (streams or samples) per worker per step")
+    lr: float = _f(1e-3, "peak learning rate")
+    lr_schedule: str = _f("cosine", "constant | linear | cosine (after warmup)")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clipping; 0 = off")
+    max_steps: int = _f(100, "optimizer steps")
+    eval_interval: int = _f(50, "steps between evaluations and checkpoints")
+    eval_batches: int = _f(0, "validation batches per evaluation; 0 = the whole validation split")
+    activation_checkpointing: bool = _f(False, "recompute each block in backward (non-reentrant)")
+    seed: int = _f(0, "random seed")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(2, "ZeRO stage 0-3")
+    offload_optimizer: bool = _f(False, "optimizer state on CPU (ZeRO 1-3)")
+    offload_params: bool = _f(False, "parameters on CPU (ZeRO 3)")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _f(2, "Ray Train workers")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker (torch threads are pinned to it)")
+    max_failures: int = _f(0, "worker-group restarts from the last checkpoint")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = _f("", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = _f("", "experiment name; empty = the job's name")
+    enabled: bool = _f(True, "log to MLflow")
+
+
+@dataclass
+class StorageConfig:
+    path: str = _f("./ray_results", "checkpoints and Ray results: a local directory or s3://bucket/prefix")
+    endpoint_url: str = _f("", "custom S3 endpoint; empty = $AWS_ENDPOINT_URL or AWS")
+    num_to_keep: int = _f(2, "checkpoints kept")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl")
+
+
+def _key_types() -> dict[str, type]:
+    hints = {}
+    for section in dataclasses.fields(Config):
+        section_type = typing.get_type_hints(Config)[section.name]
+        for name, tp in typing.get_type_hints(section_type).items():
+            hints[f"{section.name}.{name}"] = tp
+    return hints
+
+
+KEY_TYPES: dict[str, type] = _key_types()
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every field, in declaration order."""
+    return {
+        f"{section}.{name}": value
+        for section in SECTIONS
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items()
+    }
+
+
+def _coerce(key: str, value: Any) -> Any:
+    tp = KEY_TYPES[key]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    return str(value)
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys replaced; unknown keys and untyped values raise ConfigError."""
+    cfg = from_flat(to_flat(cfg))
+    for key, value in overrides.items():
+        if key not in KEY_TYPES:
+            raise ConfigError(f"unknown config key {key!r} (see --help for the keys)")
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, value))
+    return cfg
+
+
+def from_flat(flat: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`to_flat`; missing keys keep their defaults."""
+    cfg = Config()
+    for key, value in flat.items():
+        if key not in KEY_TYPES:
+            raise ConfigError(f"unknown config key {key!r} (see --help for the keys)")
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, value))
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError on the first invalid value; return ``cfg`` unchanged otherwise."""
+    m, mem, d, t, ds, s = cfg.model, cfg.memory, cfg.data, cfg.train, cfg.deepspeed, cfg.scaling
+    _check(m.backbone in ("builtin", "hf"), "model.backbone", m.backbone, "one of builtin, hf")
+    _check(m.backbone != "hf" or bool(m.hf_name_or_path), "model.hf_name_or_path", m.hf_name_or_path,
+           "set when model.backbone=hf")
+    _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0")
+    for key in ("d_model", "n_layers", "n_heads", "d_ff"):
+        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
+    _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model", m.d_model,
+           "such that d_model / n_heads is even (rotary embeddings)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
+    _check(m.rope_base > 0, "model.rope_base", m.rope_base, "> 0")
+
+    _check(mem.kind in MEMORY_KINDS, "memory.kind", mem.kind, "one of " + ", ".join(MEMORY_KINDS))
+    _check(mem.num_tokens >= 0, "memory.num_tokens", mem.num_tokens, ">= 0")
+    _check(mem.kind not in ("rmt", "rmt_xl") or mem.num_tokens >= 1, "memory.num_tokens", mem.num_tokens,
+           f">= 1 for memory.kind={mem.kind} (use memory.kind=none or xl for no memory tokens)")
+    _check(mem.xl_len >= 0, "memory.xl_len", mem.xl_len, ">= 0")
+    _check(mem.kind not in ("xl", "rmt_xl") or mem.xl_len >= 1, "memory.xl_len", mem.xl_len,
+           f">= 1 for memory.kind={mem.kind}")
+    _check(mem.bptt_unroll >= -1, "memory.bptt_unroll", mem.bptt_unroll, ">= -1 (-1 = full BPTT)")
+    _check(mem.bptt_mode in ("sliding", "window"), "memory.bptt_mode", mem.bptt_mode, "one of sliding, window")
+    _check(not mem.replay_backprop or mem.bptt_unroll == -1, "memory.replay_backprop", mem.replay_backprop,
+           "false unless memory.bptt_unroll=-1 (replay is full BPTT)")
+    _check(mem.aux_loss_weight >= 0, "memory.aux_loss_weight", mem.aux_loss_weight, ">= 0")
+    _check(mem.aux_loss_weight == 0 or mem.kind in ("rmt", "rmt_xl"), "memory.aux_loss_weight",
+           mem.aux_loss_weight, "0 unless memory.kind is rmt or rmt_xl")
+
+    _check(d.segment_len >= 1, "data.segment_len", d.segment_len, ">= 1")
+    _check(d.num_segments >= 1, "data.num_segments", d.num_segments, ">= 1")
+    _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
+    for key in ("num_train", "num_valid", "num_test"):
+        _check(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), ">= 1")
+
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(t.lr_schedule in ("constant", "linear", "cosine"), "train.lr_schedule", t.lr_schedule,
+           "one of constant, linear, cosine")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0")
+    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.eval_interval >= 1, "train.eval_interval", t.eval_interval, ">= 1")
+    _check(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "one of 0, 1, 2, 3")
+    _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params", ds.offload_params,
+           "false unless deepspeed.zero_stage=3")
+    _check(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
+           ds.offload_optimizer, "false when deepspeed.zero_stage=0")
+    _check(ds.precision in ("auto", "fp32", "bf16"), "deepspeed.precision", ds.precision,
+           "one of auto, fp32, bf16")
+
+    _check(s.num_workers >= 1, "scaling.num_workers", s.num_workers, ">= 1")
+    _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, ">= 1")
+    _check(s.max_failures >= -1, "scaling.max_failures", s.max_failures, ">= -1 (-1 = retry forever)")
+    _check(cfg.storage.num_to_keep >= 1, "storage.num_to_keep", cfg.storage.num_to_keep, ">= 1")
+    _check(bool(cfg.storage.path), "storage.path", cfg.storage.path, "a local directory or s3://bucket/prefix")
+    return cfg
+
+
+def help_text(presets: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["usage: [--preset NAME] [--section.key VALUE ...]", "",
+             "presets: " + ", ".join(presets), "", "keys (default: help):"]
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            lines.append(f"  --{section.name}.{f.name} ({f.default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
+               default_preset: str = "smoke") -> Config:
+    """``--preset NAME`` then ``--section.key VALUE`` (or ``=VALUE``) pairs -> a validated Config.
+
+    Prints help and exits 0 on ``--help``; raises ConfigError on anything else that is wrong.
+    """
+    args = list(argv)
+    if "--help" in args or "-h" in args:
+        print(help_text(presets))
+        raise SystemExit(0)
+    preset = default_preset
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if key == "preset":
+            preset = value
+        else:
+            overrides[key] = value
+    if preset not in presets:
+        raise ConfigError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
+    cfg = apply_overrides(from_flat(presets[preset]), overrides)
+    return validate(cfg)
+
+
+def exit_on_config_error(err: ConfigError) -> typing.NoReturn:
+    """The one-line error and exit code 2 that every job uses for bad input."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,134 @@
+"""The built-in backbone: a decoder-only pre-LN transformer over embeddings.
+
+It knows nothing of memory: callers hand it embeddings ``x`` of shape [B, T, d], an optional boolean
+attention mask [T, C + T] (True = may attend) and optional per-layer caches of C earlier layer
+inputs (Transformer-XL). Positions are rotary, counted over ``[cache ; x]``, so memory tokens and
+cached states get positions like any other token and relative distances stay right.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rmt_dist.config import ModelConfig
+
+
+def rotary_tables(n: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape [n, head_dim] for positions 0..n-1 (rotate-half convention)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # [n, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [n, hd]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, H, T, hd]; cos/sin: [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, h: Tensor, context: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+        """h: [B, T, d] queries' inputs; context: [B, C + T, d] keys'/values' inputs (h is its tail)."""
+        B, T, d = h.shape
+        S = context.shape[1]
+        q = F.linear(h, self.qkv.weight[:d], self.qkv.bias[:d])
+        kv = F.linear(context, self.qkv.weight[d:], self.qkv.bias[d:])
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k, v = kv.view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, S, hd] each
+        q = apply_rotary(q, cos[S - T:], sin[S - T:])
+        k = apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache: Tensor | None, mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+        h = self.ln1(x)
+        context = h if cache is None else torch.cat([self.ln1(cache), h], dim=1)
+        x = x + self.drop(self.attn(h, context, mask, cos, sin))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TransformerBackbone(nn.Module):
+    """Token embedding, N pre-LN blocks, final LayerNorm and an LM head of ``out_size`` classes."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, out_size: int | None = None) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.n_layers = cfg.n_layers
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.rope_base = cfg.rope_base
+        self.activation_checkpointing = False
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, out_size or vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.embed(input_ids)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        caches: Sequence[Tensor] | None = None,
+        return_layer_inputs: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """x: [B, T, d]; mask: [T, C + T] bool or None (plain causal); caches: per layer [B, C, d].
+
+        Returns the final hidden states [B, T, d] (after the final LayerNorm) and, if asked, each
+        block's input (what a Transformer-XL cache stores).
+        """
+        T = x.shape[1]
+        C = 0 if caches is None else caches[0].shape[1]
+        if mask is None and C:
+            raise ValueError("a cache needs an explicit mask")
+        cos, sin = rotary_tables(C + T, self.head_dim, self.rope_base, x.device, x.dtype)
+        x = self.drop(x)
+        layer_inputs: list[Tensor] | None = [] if return_layer_inputs else None
+        for i, block in enumerate(self.blocks):
+            if layer_inputs is not None:
+                layer_inputs.append(x)
+            cache = caches[i] if caches is not None and C else None
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cache, mask, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cache, mask, cos, sin)
+        return self.ln_f(x), layer_inputs
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.head(h)

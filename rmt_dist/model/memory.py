@@ -1,0 +1,153 @@
+"""Memory kinds as a pure per-segment step: ``(segment, state) -> (logits, loss, new state)``.
+
+The step knows one segment; the recurrence over segments (BPTT modes, replay) lives in
+``recurrence.py``. Layout of one segment's input (decoder-only, PAPERS.md section 1)::
+
+    none    [tokens]
+    memtr   [mem ; tokens]                  mem is learned and the same every segment
+    xl      [tokens]        + per-layer cache of the previous xl_len token states (stop-gradient)
+    rmt     [read ; tokens ; write]         read = write = previous segment's H_write
+    rmt_xl  [read ; tokens ; write]         + the XL cache
+
+Mask rows (True = may attend): memory blocks see their whole own block; the read block and memtr
+memory never see the segment's tokens (that would leak future tokens to earlier positions); tokens
+see cache, read memory and earlier tokens; the write block sees everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rmt_dist.config import MemoryConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MemoryState:
+    """What one segment hands the next. ``None`` fields mean "start of a sequence"."""
+
+    memory: Tensor | None = None  # [B, m, d] H_write of the previous segment (rmt, rmt_xl)
+    xl: tuple[Tensor, ...] | None = None  # per layer [B, c, d] cached block inputs (xl, rmt_xl)
+
+    def detach(self) -> "MemoryState":
+        return MemoryState(
+            memory=None if self.memory is None else self.memory.detach(),
+            xl=None if self.xl is None else tuple(c.detach() for c in self.xl),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        return ([] if self.memory is None else [self.memory]) + list(self.xl or ())
+
+    def nbytes(self) -> int:
+        """Bytes of recurrent state for the whole batch."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class SegmentOutput:
+    logits: Tensor  # [B, L, V]
+    state: MemoryState
+    loss_sum: Tensor  # scalar: summed token cross-entropy (+ weighted aux loss)
+    n_tokens: Tensor  # scalar long: labelled tokens in the segment
+
+
+def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None = None) -> Tensor | None:
+    """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal."""
+    read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
+    write = m if kind in ("rmt", "rmt_xl") else 0
+    if read + write + c == 0:
+        return None
+    T = read + L + write
+    mask = torch.zeros(T, c + T, dtype=torch.bool, device=device)
+    cols_read = slice(c, c + read)
+    cols_tok = slice(c + read, c + read + L)
+    mask[:, :c] = True  # everything sees the cache
+    mask[:read, cols_read] = True  # read block: its own block only
+    mask[read:read + L, cols_read] = True
+    mask[read:read + L, cols_tok] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    mask[read + L:, :] = True  # write block sees everything
+    return mask
+
+
+class MemoryModel(nn.Module):
+    """A backbone plus one memory kind; ``step`` is the per-segment computation.
+
+    ``backbone`` provides ``embed_tokens(ids)``, ``forward(x, mask, caches, return_layer_inputs)``,
+    ``logits(h)``, ``d_model`` and ``n_layers`` (see ``backbone.TransformerBackbone``).
+    """
+
+    def __init__(self, backbone: nn.Module, memory: MemoryConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.kind = memory.kind
+        self.vocab_size = vocab_size
+        self.num_tokens = memory.num_tokens if memory.kind in ("memtr", "rmt", "rmt_xl") else 0
+        self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl") else 0
+        self.aux_loss_weight = memory.aux_loss_weight
+        self.memory_init = (
+            nn.Parameter(torch.randn(self.num_tokens, backbone.d_model) * 0.02) if self.num_tokens else None
+        )
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether a segment's output depends on earlier segments."""
+        return self.kind in ("xl", "rmt", "rmt_xl")
+
+    def init_state(self) -> MemoryState:
+        return MemoryState()
+
+    def state_bytes_per_sequence(self, dtype: torch.dtype = torch.float32) -> int:
+        """Size of the recurrent state of one sequence: m vectors (rmt), xl_len x layers (xl), both."""
+        vectors = (self.num_tokens if self.kind in ("rmt", "rmt_xl") else 0) + self.xl_len * self.backbone.n_layers
+        return vectors * self.backbone.d_model * torch.tensor([], dtype=dtype).element_size()
+
+    def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState) -> SegmentOutput:
+        """One segment. input_ids, labels: [B, L] (labels already aligned, IGNORE_INDEX = no loss)."""
+        B, L = input_ids.shape
+        m, kind = self.num_tokens, self.kind
+        x = self.backbone.embed_tokens(input_ids)  # [B, L, d]
+        if kind == "memtr" and m:
+            x = torch.cat([self.memory_init.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        elif kind in ("rmt", "rmt_xl"):
+            mem = self.memory_init.expand(B, -1, -1).to(x.dtype) if state.memory is None else state.memory
+            x = torch.cat([mem, x, mem], dim=1)  # [B, m + L + m, d]
+        caches = state.xl if self.xl_len and state.xl is not None else None
+        c = 0 if caches is None else caches[0].shape[1]
+        mask = segment_mask(kind, m, L, c, x.device)
+        h, layer_inputs = self.backbone(x, mask=mask, caches=caches, return_layer_inputs=bool(self.xl_len))
+
+        read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
+        h_tokens = h[:, read:read + L]
+        new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None
+        new_xl = None
+        if self.xl_len:
+            new_xl = tuple(
+                (li[:, read:read + L] if caches is None else torch.cat([cache, li[:, read:read + L]], dim=1))[
+                    :, -self.xl_len:
+                ].detach()
+                for li, cache in zip(layer_inputs, caches or [None] * len(layer_inputs))
+            )
+
+        logits_all = self.backbone.logits(h_tokens)
+        logits = logits_all[..., : self.vocab_size]
+        if labels is None:
+            loss_sum = logits.new_zeros(())
+            n_tokens = torch.zeros((), dtype=torch.long, device=logits.device)
+        else:
+            loss_sum = F.cross_entropy(
+                logits.reshape(B * L, -1).float(), labels.reshape(B * L), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            n_tokens = (labels != IGNORE_INDEX).sum()
+        if self.aux_loss_weight and new_memory is not None:
+            # The write block predicts a fixed extra class (index vocab_size) from memory (RMT + XL's aux loss).
+            aux_logits = self.backbone.logits(new_memory).float()  # [B, m, V + 1]
+            target = torch.full(aux_logits.shape[:2], self.vocab_size, device=aux_logits.device)
+            aux = F.cross_entropy(aux_logits.reshape(-1, aux_logits.shape[-1]), target.reshape(-1))
+            loss_sum = loss_sum + self.aux_loss_weight * aux * n_tokens.clamp(min=1)
+        return SegmentOutput(logits=logits, state=MemoryState(memory=new_memory, xl=new_xl), loss_sum=loss_sum,
+                             n_tokens=n_tokens)
