@@ -74,6 +74,18 @@ def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None 
     return mask
 
 
+class InitialMemory(nn.Module):
+    """The learned memory of the first segment (m x d). A module of its own so that ZeRO-3, which
+    gathers parameters in module forward hooks, materialises it."""
+
+    def __init__(self, num_tokens: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_tokens, d_model) * 0.02)
+
+    def forward(self, batch_size: int) -> Tensor:
+        return self.weight.expand(batch_size, -1, -1)
+
+
 class MemoryModel(nn.Module):
     """A backbone plus one memory kind; ``step`` is the per-segment computation.
 
@@ -89,9 +101,7 @@ class MemoryModel(nn.Module):
         self.num_tokens = memory.num_tokens if memory.kind in ("memtr", "rmt", "rmt_xl") else 0
         self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl") else 0
         self.aux_loss_weight = memory.aux_loss_weight
-        self.memory_init = (
-            nn.Parameter(torch.randn(self.num_tokens, backbone.d_model) * 0.02) if self.num_tokens else None
-        )
+        self.memory_init = InitialMemory(self.num_tokens, backbone.d_model) if self.num_tokens else None
 
     @property
     def recurrent(self) -> bool:
@@ -112,9 +122,9 @@ class MemoryModel(nn.Module):
         m, kind = self.num_tokens, self.kind
         x = self.backbone.embed_tokens(input_ids)  # [B, L, d]
         if kind == "memtr" and m:
-            x = torch.cat([self.memory_init.expand(B, -1, -1).to(x.dtype), x], dim=1)
+            x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)
         elif kind in ("rmt", "rmt_xl"):
-            mem = self.memory_init.expand(B, -1, -1).to(x.dtype) if state.memory is None else state.memory
+            mem = self.memory_init(B).to(x.dtype) if state.memory is None else state.memory
             x = torch.cat([mem, x, mem], dim=1)  # [B, m + L + m, d]
         caches = state.xl if self.xl_len and state.xl is not None else None
         c = 0 if caches is None else caches[0].shape[1]
