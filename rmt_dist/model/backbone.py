@@ -38,7 +38,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        # Separate modules (not slices of one qkv weight): ZeRO-3 gathers parameters per module call.
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
@@ -46,8 +48,8 @@ class Attention(nn.Module):
         """h: [B, T, d] queries' inputs; context: [B, C + T, d] keys'/values' inputs (h is its tail)."""
         B, T, d = h.shape
         S = context.shape[1]
-        q = F.linear(h, self.qkv.weight[:d], self.qkv.bias[:d])
-        kv = F.linear(context, self.qkv.weight[d:], self.qkv.bias[d:])
+        q = self.q(h)
+        kv = self.kv(context)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k, v = kv.view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, S, hd] each
         q = apply_rotary(q, cos[S - T:], sin[S - T:])
