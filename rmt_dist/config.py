@@ -106,6 +106,7 @@ class MlflowConfig:
 @dataclass
 class StorageConfig:
     path: str = _f("./ray_results", "checkpoints and Ray results: a local directory or s3://bucket/prefix")
+    run_name: str = _f("", "Ray Train run name; rerunning with the same path and name resumes it; empty = job-time")
     endpoint_url: str = _f("", "custom S3 endpoint; empty = $AWS_ENDPOINT_URL or AWS")
     num_to_keep: int = _f(2, "checkpoints kept")
 

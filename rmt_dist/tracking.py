@@ -1,0 +1,100 @@
+"""MLflow: the driver opens (or reopens) a run and logs params/tags/artifacts; rank 0 logs metrics.
+
+Metric names are shared by MLflow, Tune and the CLI summary (DESIGN.md); they live in
+``rmt_dist.train.metrics``. Params are the flat config, passed through :func:`storage.redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+from rmt_dist.config import Config, to_flat
+from rmt_dist.storage import redact
+
+RUN_NAME_TAG = "rmt_dist.run_name"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Relative SQLite paths are made absolute so Ray workers (other working directories) find the file.
+    """
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _ray_job_id() -> str:
+    return os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") or ""
+
+
+def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = None) -> str:
+    """Create the run (or reopen the unfinished one of the same ``run_name``, for resumes); returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    experiment = cfg.mlflow.experiment or job
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    client = mlflow.MlflowClient()
+    previous = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if previous and previous[0].info.status != "FINISHED":
+        client.update_run(previous[0].info.run_id, status="RUNNING")
+        return previous[0].info.run_id
+    tags = {RUN_NAME_TAG: run_name, "job": job, "git_commit": _git_commit(), "hostname": socket.gethostname(),
+            "ray_job_id": _ray_job_id()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    params = {k: redact(str(v)) for k, v in to_flat(cfg).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+    return run.info.run_id
+
+
+def finish_run(cfg: Config, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
+    """Attach the resolved config and the run summary (final checkpoint path included), then close."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, json.dumps({k: redact(str(v)) if isinstance(v, str) else v
+                                        for k, v in to_flat(cfg).items()}, indent=1), "config.json")
+    client.log_text(run_id, json.dumps({k: redact(str(v)) for k, v in summary.items()}, indent=1), "summary.json")
+    if summary.get("checkpoint"):
+        client.set_tag(run_id, "final_checkpoint", redact(str(summary["checkpoint"])))
+    client.set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Rank 0's handle on the run: metrics with explicit steps, and MLflow system metrics."""
+
+    def __init__(self, cfg: Config, run_id: str) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        # Leave the run's status to the driver, which knows whether the whole job succeeded.
+        self._mlflow.end_run(status="RUNNING")

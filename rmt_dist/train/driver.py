@@ -1,0 +1,201 @@
+"""The driver side of a training run: checks, Ray, the TorchTrainer, a live progress line, MLflow.
+
+``python jobs/X.py`` starts Ray in-process; under ``ray job submit`` (``RAY_ADDRESS`` set) it joins
+the cluster. Everything that can be wrong with the input is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
+from rmt_dist.storage import Storage, check_writable, redact, resolve
+from rmt_dist.train import metrics as M
+from rmt_dist.train.loop import train_loop_per_worker
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Rank 0 posts its latest report here; the driver polls it for the progress line."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] | None = None
+
+    def update(self, report: dict[str, Any]) -> None:
+        self.latest = report
+
+    def get(self) -> dict[str, Any] | None:
+        return self.latest
+
+
+@dataclass
+class RunSummary:
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    run_name: str
+    storage: str
+
+
+def prepare_data(cfg: Config) -> Config:
+    """Tokenize/generate the data once on the driver (workers then hit the cache); fill in vocab_size.
+
+    Raises ConfigError / DataError (one line) for missing files, empty corpora, bad sizes.
+    """
+    from rmt_dist.data import load_lm_corpus, load_task_splits
+
+    if cfg.data.dataset == "task":
+        vocab = load_task_splits(cfg.data).vocab_size
+    else:
+        corpus = load_lm_corpus(cfg.data)
+        vocab = corpus.vocab_size
+        needed = cfg.data.segment_len * cfg.data.num_segments * cfg.train.batch_size * cfg.scaling.num_workers
+        for split, tokens in (("train", corpus.train), ("valid", corpus.valid)):
+            if len(tokens) <= needed:
+                raise ConfigError(
+                    f"data: the {split} split has {len(tokens)} tokens, fewer than one window of "
+                    f"data.segment_len x data.num_segments x train.batch_size x scaling.num_workers = {needed}")
+    if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({vocab}), got {cfg.model.vocab_size}")
+    return apply_overrides(cfg, {"model.vocab_size": cfg.model.vocab_size or vocab})
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray sized for the workers."""
+    if ray.is_initialized():
+        return
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        cpus = max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dict[str, Any]) -> TorchTrainer:
+    primary, mode = M.PRIMARY["acc" if cfg.data.dataset == "task" else "ppl"]
+    if cfg.data.dataset == "enwik8":
+        primary, mode = M.PRIMARY["bpc"]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_flat(cfg), **loop_config},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage.ray_path, storage_filesystem=storage.filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
+                                               checkpoint_score_attribute=M.STEP, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+    )
+
+
+def _worker_env(cfg: Config) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for name in ("AWS_ENDPOINT_URL", "RMT_DIST_FAULT_AT_STEP"):  # names only; values stay in the environment
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def _progress_line(report: dict[str, Any], started: float) -> str:
+    step, total = report["step"], report["max_steps"]
+    eta = (time.time() - started) / max(step, 1) * (total - step)
+    parts = [f"step {step}/{total}", f"loss {report['train_loss']:.3f}"]
+    for key in (M.VAL_PPL, M.VAL_BPC, M.VAL_ACC):
+        if key in report:
+            parts.append(f"{key} {report[key]:.3f}")
+    if M.TOKENS_PER_S in report:
+        parts.append(f"{report[M.TOKENS_PER_S]:,.0f} tok/s")
+    parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+    return " | ".join(parts)
+
+
+def _fit_with_progress(trainer: TorchTrainer, board: Any) -> Any:
+    result: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            result["value"] = trainer.fit()
+        except BaseException as err:  # re-raised in the main thread
+            result["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    started, shown, last_print = time.time(), None, 0.0
+    thread.start()
+    tty = sys.stdout.isatty()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        report = ray.get(board.get.remote())
+        if report and report != shown:
+            line = _progress_line(report, started)
+            if tty:
+                print("\r" + line.ljust(100), end="", flush=True)
+            elif time.time() - last_print > 10 or report["step"] == report["max_steps"]:
+                print(line, flush=True)
+                last_print = time.time()
+            shown = report
+    if tty and shown:
+        print()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def run_training(cfg: Config, job: str, run_name: str | None = None, parent_run_id: str | None = None) -> RunSummary:
+    """Check input, run the TorchTrainer, track it in MLflow; returns the final metrics and locations."""
+    storage = resolve(cfg.storage)
+    check_writable(storage)
+    cfg = prepare_data(cfg)
+    run_name = run_name or cfg.storage.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    init_ray(cfg)
+
+    run_id = None
+    if cfg.mlflow.enabled:
+        from rmt_dist.tracking import open_run
+
+        run_id = open_run(cfg, job, run_name, parent_run_id)
+    board = ProgressBoard.remote()
+    trainer = build_trainer(cfg, storage, run_name, {"mlflow_run_id": run_id, "progress": board})
+    try:
+        result = _fit_with_progress(trainer, board)
+    except BaseException:
+        if run_id:
+            from rmt_dist.tracking import finish_run
+
+            finish_run(cfg, run_id, "FAILED", {"storage": storage.uri, "run_name": run_name})
+        raise
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = result.checkpoint.path if storage.filesystem is None else f"s3://{result.checkpoint.path}"
+    summary = RunSummary(metrics=dict(result.metrics or {}), checkpoint=checkpoint, mlflow_run_id=run_id,
+                         run_name=run_name, storage=storage.uri)
+    if run_id:
+        from rmt_dist.tracking import finish_run
+
+        finish_run(cfg, run_id, "FINISHED", {"checkpoint": checkpoint, "storage": storage.uri, "run_name": run_name,
+                                             **summary.metrics})
+    return summary
+
+
+def summary_line(summary: RunSummary) -> str:
+    shown = [f"{k}={summary.metrics[k]:.4g}" for k in (M.VAL_LOSS, M.VAL_PPL, M.VAL_BPC, M.VAL_ACC)
+             if k in summary.metrics]
+    return (f"done: {' '.join(shown) or 'no validation metrics'} | checkpoint: {redact(str(summary.checkpoint))} | "
+            f"mlflow run: {summary.mlflow_run_id}")

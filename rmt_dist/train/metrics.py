@@ -1,0 +1,50 @@
+"""Metric names (shared by MLflow, Tune and the CLI summary) and the process's memory figures."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+
+import torch
+
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+VAL_PPL = "val_ppl"
+VAL_BPC = "val_bpc"
+VAL_ACC = "val_acc"
+TOKENS_PER_S = "tokens_per_s"
+PEAK_MEM_BYTES = "peak_mem_bytes"
+MEMORY_STATE_BYTES = "memory_state_bytes"
+STEP = "step"
+EPOCH = "epoch"
+MFU = "mfu"
+
+# Which validation metric a workload is judged by, and whether lower is better.
+PRIMARY = {"ppl": (VAL_PPL, "min"), "bpc": (VAL_BPC, "min"), "acc": (VAL_ACC, "max")}
+
+
+def peak_mem_bytes(device: torch.device) -> int:
+    """Accelerator peak on GPU; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def validation_metrics(loss_sum: float, n_tokens: int, correct: int, metric: str) -> dict[str, float]:
+    """val_loss plus the workload's own figure: perplexity, bits per character or accuracy."""
+    loss = loss_sum / max(n_tokens, 1)
+    out = {VAL_LOSS: loss}
+    if metric == "ppl":
+        out[VAL_PPL] = math.exp(min(loss, 50.0))
+    elif metric == "bpc":
+        out[VAL_BPC] = loss / math.log(2)
+    else:
+        out[VAL_ACC] = correct / max(n_tokens, 1)
+    return out
+
+
+def mfu(tokens_per_s: float, n_params: int, n_layers: int, d_model: int, context: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: (6N + 12 L d T) FLOPs per token (PaLM appendix B) over the device peak."""
+    return tokens_per_s * (6 * n_params + 12 * n_layers * d_model * context) / peak_flops
