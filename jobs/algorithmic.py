@@ -12,4 +12,4 @@ from rmt_dist.cli import run_job
 from rmt_dist.presets import PRESETS
 
 if __name__ == "__main__":
-    sys.exit(run_job("algorithmic", PRESETS["algorithmic"]))
+    sys.exit(run_job("algorithmic", PRESETS["algorithmic"], aliases={"task": "data.task"}))

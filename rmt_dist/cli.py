@@ -8,12 +8,13 @@ from typing import Any, Mapping, Sequence
 from rmt_dist.config import ConfigError, exit_on_config_error, parse_args
 
 
-def run_job(job: str, presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None = None) -> int:
+def run_job(job: str, presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None = None,
+            aliases: Mapping[str, str] | None = None) -> int:
     from rmt_dist.data import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_args(argv, presets)
+        cfg = parse_args(argv, presets, aliases=aliases)
         from rmt_dist.train.driver import run_training, summary_line  # heavy imports after the flags are good
 
         summary = run_training(cfg, job)

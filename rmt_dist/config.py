@@ -68,6 +68,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(8, "sequences (streams or samples) per worker per step")
+    optimizer: str = _f("adamw", "adamw | sgd (plain SGD, no momentum: the reference for gradient checks)")
     lr: float = _f(1e-3, "peak learning rate")
     lr_schedule: str = _f("cosine", "constant | linear | cosine (after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> Config:
         _check(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), ">= 1")
 
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", t.optimizer, "one of adamw, sgd")
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(t.lr_schedule in ("constant", "linear", "cosine"), "train.lr_schedule", t.lr_schedule,
            "one of constant, linear, cosine")
@@ -274,10 +276,11 @@ def help_text(presets: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
-               default_preset: str = "smoke") -> Config:
+               default_preset: str = "smoke", aliases: Mapping[str, str] | None = None) -> Config:
     """``--preset NAME`` then ``--section.key VALUE`` (or ``=VALUE``) pairs -> a validated Config.
 
-    Prints help and exits 0 on ``--help``; raises ConfigError on anything else that is wrong.
+    ``aliases`` maps short flags to keys (``{"task": "data.task"}``). Prints help and exits 0 on
+    ``--help``; raises ConfigError on anything else that is wrong.
     """
     args = list(argv)
     if "--help" in args or "-h" in args:
@@ -300,7 +303,7 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
         if key == "preset":
             preset = value
         else:
-            overrides[key] = value
+            overrides[(aliases or {}).get(key, key)] = value
     if preset not in presets:
         raise ConfigError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
     cfg = apply_overrides(from_flat(presets[preset]), overrides)
