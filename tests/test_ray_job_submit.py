@@ -1,0 +1,75 @@
+"""The product's main path: `ray start --head` (127.0.0.1, token auth) + `ray job submit -- python
+jobs/lm_wikitext.py --preset smoke`, tracked in a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_cache):
+    import mlflow
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         "--temp-dir", str(tmp_path / "ray")],
+        env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_dashboard(address, head)
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--", sys.executable, str(REPO / "jobs" / "lm_wikitext.py"),
+             "--preset", "smoke", "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "submit_test",
+             "--storage.path", str(tmp_path / "runs"), "--data.cache_dir", data_cache],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "done: val_loss=" in job.stdout and "mlflow run: " in job.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name("submit_test").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("val_ppl", "peak_mem_bytes", "memory_state_bytes", "train_loss", "tokens_per_s"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["memory_state_bytes"] == 4 * 64 * 4  # 4 memory tokens x d_model 64 x fp32
+    assert run.data.params["memory.kind"] == "rmt"
+    assert run.data.tags["ray_job_id"]
+
+
+def _wait_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    """The job server answers (with token auth on, an unauthenticated request is refused, not dropped)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")
