@@ -85,9 +85,6 @@ def init_ray(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dict[str, Any]) -> TorchTrainer:
-    primary, mode = M.PRIMARY["acc" if cfg.data.dataset == "task" else "ppl"]
-    if cfg.data.dataset == "enwik8":
-        primary, mode = M.PRIMARY["bpc"]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_flat(cfg), **loop_config},
