@@ -53,15 +53,17 @@ class MemoryConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("smoke", "smoke | wikitext-103 | wikitext-103-raw | enwik8 | task")
+    dataset: str = _f("smoke", "smoke | smoke-bytes | wikitext-103 | wikitext-103-raw | enwik8 | task")
     path: str = _f("", "local directory/file or s3://bucket/prefix of the corpus; empty = the default source")
+    endpoint_url: str = _f("", "custom S3 endpoint for an s3:// data.path; empty = $AWS_ENDPOINT_URL or AWS")
     segment_len: int = _f(32, "tokens per segment")
     num_segments: int = _f(4, "segments per training window (LM) or per sample (tasks)")
     task: str = _f("copy", "copy | reverse | assoc | quadratic | sort (dataset=task)")
     task_length: int = _f(8, "source length of copy/reverse, pairs for assoc, sequence length for sort")
-    num_train: int = _f(100_000, "training samples for tasks")
-    num_valid: int = _f(5_000, "validation samples for tasks")
-    num_test: int = _f(10_000, "test samples for tasks")
+    num_train: int = _f(0, "training samples for tasks; 0 = the paper's size (100,000)")
+    num_valid: int = _f(0, "validation samples for tasks; 0 = the paper's size (5,000; quadratic 10,000)")
+    num_test: int = _f(0, "test samples for tasks; 0 = the paper's size (10,000; quadratic 20,000)")
+    seed: int = _f(0, "seed of the task generators: the same seed and sizes give the same splits")
     cache_dir: str = _f("", "where tokenized corpora are cached; empty = ~/.cache/rmt_dist")
 
 
@@ -126,6 +128,8 @@ class Config:
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl")
+DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task")
+TASKS = ("copy", "reverse", "assoc", "quadratic", "sort")
 
 
 def _key_types() -> dict[str, type]:
@@ -165,7 +169,7 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         try:
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-        except ValueError:
+        except (TypeError, ValueError):
             raise ConfigError(f"{key} must be an integer, got {value!r}") from None
     if tp is float:
         try:
@@ -234,9 +238,15 @@ def validate(cfg: Config) -> Config:
 
     _check(d.segment_len >= 1, "data.segment_len", d.segment_len, ">= 1")
     _check(d.num_segments >= 1, "data.num_segments", d.num_segments, ">= 1")
+    _check(d.dataset in DATASETS, "data.dataset", d.dataset, "one of " + ", ".join(DATASETS))
+    _check(d.dataset != "task" or d.task in TASKS, "data.task", d.task, "one of " + ", ".join(TASKS))
+    _check(not d.path or not d.dataset.startswith("smoke"), "data.path", d.path,
+           f"empty for data.dataset={d.dataset} (the smoke corpus ships with Python)")
+    _check(d.dataset != "enwik8" or bool(d.path), "data.path", d.path,
+           "the enwik8 file (a local path or s3://bucket/key) for data.dataset=enwik8")
     _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
     for key in ("num_train", "num_valid", "num_test"):
-        _check(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), ">= 1")
+        _check(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), ">= 0 (0 = the paper's size)")
 
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.optimizer in ("adamw", "sgd"), "train.optimizer", t.optimizer, "one of adamw, sgd")

@@ -117,6 +117,10 @@ class MemoryModel(nn.Module):
         return vectors * self.backbone.d_model * torch.tensor([], dtype=dtype).element_size()
 
     def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState) -> SegmentOutput:
+        """One segment, through the module call so that forward hooks run."""
+        return self(input_ids, labels, state)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState) -> SegmentOutput:
         """One segment. input_ids, labels: [B, L] (labels already aligned, IGNORE_INDEX = no loss)."""
         B, L = input_ids.shape
         m, kind = self.num_tokens, self.kind

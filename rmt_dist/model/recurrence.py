@@ -1,6 +1,8 @@
 """The recurrence over segments: forward, BPTT modes and memory-replay backprop.
 
-A ``Segment`` is ``(input_ids, labels)``, both [B, L], labels already aligned (IGNORE_INDEX = no
+``model`` is a MemoryModel or a DeepSpeed engine wrapping one: it is called (``model(ids, labels,
+state)``), never ``model.step``, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
+gradients across backward calls only then). A ``Segment`` is ``(input_ids, labels)``, both [B, L], labels already aligned (IGNORE_INDEX = no
 loss). Training functions take a ``backward`` callable (``Tensor.backward`` in plain PyTorch,
 ``engine.backward`` under DeepSpeed; it must not rescale the loss) and call it one or more times;
 gradients accumulate, and every loss handed to it is already divided by the window's labelled-token
@@ -46,7 +48,7 @@ def forward_segments(model: MemoryModel, segments: Sequence[Segment],
     state = model.init_state() if state is None else state
     outputs = []
     for input_ids, labels in segments:
-        out = model.step(input_ids, labels, state)
+        out = model(input_ids, labels, state)
         outputs.append(out)
         state = out.state
     return outputs, state
@@ -97,7 +99,7 @@ def _no_grad_states(model: MemoryModel, segments: Sequence[Segment], state: Memo
     with torch.no_grad():
         for input_ids, labels in segments:
             rng.append(_get_rng())
-            states.append(model.step(input_ids, labels, states[-1]).state.detach())
+            states.append(model(input_ids, labels, states[-1]).state.detach())
     return states, rng
 
 
@@ -140,7 +142,7 @@ def _replay_backward(model: MemoryModel, segments: Sequence[Segment], state: Mem
         start = states[t]
         memory_in = None if start.memory is None else start.memory.detach().requires_grad_(True)
         with _replaying_rng(rng[t]):
-            out = model.step(*segments[t], MemoryState(memory=memory_in, xl=start.xl))
+            out = model(*segments[t], MemoryState(memory=memory_in, xl=start.xl))
         objective = out.loss_sum / normalizer
         if grad_memory is not None and out.state.memory is not None:
             objective = objective + (out.state.memory * grad_memory).sum()

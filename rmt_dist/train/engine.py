@@ -1,8 +1,10 @@
 """DeepSpeed: the engine's config from ``deepspeed.*``/``train.*`` and its construction.
 
-The only module that imports DeepSpeed. Gradient accumulation is unmanaged
-(``managed_gradient_accumulation: false``): one optimizer step may follow several ``backward`` calls
-(BPTT chunks, sliding re-runs, replay), and ``engine.step()`` is the one explicit boundary.
+The only module that imports DeepSpeed. One optimizer step follows several ``backward`` calls (BPTT
+chunks, sliding re-runs, replay): DeepSpeed's own gradient accumulation counts them
+(``gradient_accumulation_steps`` = backward calls per step, ``engine.step()`` after each). Its
+unmanaged mode (``managed_gradient_accumulation: false``, one ``step`` after many backwards) lost
+all but the last backward's gradients under ZeRO-3 here (DeepSpeed 0.19.8), so it is not used.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
 
 
+def backward_calls_per_step(cfg: Config) -> int:
+    """How many ``backward`` calls the recurrence makes per optimizer step (see model/recurrence.py)."""
+    k, segments = cfg.memory.bptt_unroll, cfg.data.num_segments
+    if cfg.memory.replay_backprop:
+        return segments
+    if k == -1:
+        return 1
+    if cfg.memory.bptt_mode == "sliding":
+        return segments
+    return math.ceil(segments / (k + 1))
+
+
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed JSON config for one worker's micro-batch of ``train.batch_size`` sequences."""
     ds = cfg.deepspeed
@@ -32,8 +46,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
+        "gradient_accumulation_steps": backward_calls_per_step(cfg),
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -61,7 +74,11 @@ def lr_lambda(cfg: Config):
 
 
 def build_engine(model: torch.nn.Module, cfg: Config):
-    """``deepspeed.initialize`` with AdamW and the warmup/decay schedule; returns the engine."""
+    """``deepspeed.initialize`` with AdamW (or SGD) and the warmup/decay schedule; returns the engine.
+
+    Drive it with :func:`micro_step` as the recurrence's ``backward``; the optimizer steps on the
+    last backward call of each training step.
+    """
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # imported late: DS_ACCELERATOR must be set first
@@ -76,3 +93,10 @@ def build_engine(model: torch.nn.Module, cfg: Config):
         dist_init_required=False,
     )
     return engine
+
+
+def micro_step(engine: Any, loss: torch.Tensor) -> None:
+    """One backward call of a training step. Losses come pre-normalised by the recurrence, so
+    DeepSpeed must not divide them by the accumulation count; ``step`` updates only on the boundary."""
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from rmt_dist.config import Config, from_flat
 from rmt_dist.model import build_model
 from rmt_dist.train import checkpoint, metrics as M
-from rmt_dist.train.engine import build_engine
+from rmt_dist.train.engine import build_engine, micro_step
 from rmt_dist.train.workloads import make_workload, stream_to
 
 # Fault injection for the fault-tolerance tests: "STEP:RANK:MARKER_FILE" makes RANK exit hard at STEP,
@@ -91,14 +91,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     progress = loop_config.get("progress")
 
     def backward(loss: torch.Tensor) -> None:
-        engine.backward(loss, scale_wrt_gas=False)
+        micro_step(engine, loss)
 
     memory_state_bytes = engine.module.state_bytes_per_sequence(next(engine.module.parameters()).dtype)
     interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
     while step < cfg.train.max_steps:
         engine.train()
         stats = workload.train_step(engine.module, backward)
-        engine.step()
+        if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
+            raise RuntimeError("the recurrence made a different number of backward calls than "
+                               "backward_calls_per_step() promised DeepSpeed")
         step += 1
         _maybe_inject_fault(step, rank)
         loss_sum, n_tokens = _all_sum([stats.loss_sum, stats.n_tokens], device)
