@@ -64,7 +64,7 @@ def test_zero_stage_gradients_match_single_process_and_loss_falls(stage, tmp_pat
     run = Result.from_path(str(Path(result.storage) / f"zero{stage}"))
     by_step = {m["step"]: (ckpt, m) for ckpt, m in run.best_checkpoints}
     assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
-    losses = [by_step[s][1]["train_loss"] for s in range(1, 7)]
+    losses = [by_step[s][1]["val_loss"] for s in range(1, 7)]
     assert losses[-1] < losses[0] - 0.5, losses
 
     got = fp32_weights(by_step[1][0].path)

@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
     while step < cfg.train.max_steps:
         engine.train()
-        stats = workload.train_step(engine.module, backward)
+        stats = workload.train_step(engine, backward)
         if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
             raise RuntimeError("the recurrence made a different number of backward calls than "
                                "backward_calls_per_step() promised DeepSpeed")
@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - interval_start
         tokens_per_s = workload.tokens_per_step * world * steps_in_interval / max(elapsed, 1e-9)
         engine.eval()
-        val_loss, val_n, val_correct = _all_sum(list(workload.evaluate(engine.module)), device)
+        val_loss, val_n, val_correct = _all_sum(list(workload.evaluate(engine)), device)
         report = {
             M.STEP: step,
             M.TRAIN_LOSS: interval_loss / max(interval_tokens, 1),

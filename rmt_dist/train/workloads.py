@@ -1,5 +1,6 @@
 """What a worker trains on: LM streams (memory carried across steps) or task samples (memory reset).
 
+``model`` below is the DeepSpeed engine (or a bare MemoryModel in tests): the recurrence calls it.
 Both expose the same small surface to the loop: ``vocab_size``, ``metric``, ``tokens_per_step``,
 ``train_step(model, backward)``, ``evaluate(model)``, ``position()`` / ``restore(...)``.
 """
