@@ -245,6 +245,7 @@ def validate(cfg: Config) -> Config:
     _check(d.dataset != "enwik8" or bool(d.path), "data.path", d.path,
            "the enwik8 file (a local path or s3://bucket/key) for data.dataset=enwik8")
     _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
+    _check(d.seed >= 0, "data.seed", d.seed, ">= 0")
     for key in ("num_train", "num_valid", "num_test"):
         _check(getattr(d, key) >= 0, f"data.{key}", getattr(d, key), ">= 0 (0 = the paper's size)")
 

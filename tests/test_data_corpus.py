@@ -85,7 +85,8 @@ def test_word_ids_and_vocabulary_match_transformer_xl(wikitext_like, tmp_path, c
     assert vocab_size == len(symbols)
     for split in SPLITS:
         assert np.load(tmp_path / f"{split}.npy").tolist() == ids[split], split
-    assert symbols.count("<unk>") == 1 and symbols.index("<unk>") < len(symbols) - 1  # train's own <unk>
+    train_words = set(open(files["train"], encoding="utf-8").read().split())
+    assert "<unk>" in train_words and len(symbols) == len(train_words) + 1  # <eos>, and no second <unk>
 
 
 def test_wikitext_directory_and_hub_style_parquet_give_the_same_corpus(wikitext_like, tmp_path):
@@ -150,6 +151,15 @@ def test_smoke_corpora_ship_with_python_and_are_cached(tmp_path):
     chars = load_lm_corpus(DataConfig(dataset="smoke-bytes", cache_dir=str(tmp_path)))
     assert chars.metric == "bpc" and chars.vocab_size < 256
     assert bytes(int(chars.symbols()[i]) for i in chars.valid[:2000]).decode("utf-8").isprintable()
+
+
+def test_words_unseen_in_training_map_to_an_appended_unk(tmp_path):
+    texts = {"train": "a b a\n", "valid": "a zebra\n", "test": "b\n\n"}
+    corpus = load_lm_corpus(DataConfig(dataset="wikitext-103", path=str(write_wikitext(tmp_path / "wt", texts)),
+                                       cache_dir=str(tmp_path / "cache")))
+    assert corpus.symbols() == ["<eos>", "a", "b", "<unk>"]
+    assert corpus.train.tolist() == [1, 2, 1, 0] and corpus.valid.tolist() == [1, 3, 0]
+    assert corpus.test.tolist() == [2, 0, 0]
 
 
 def test_changed_source_file_is_tokenized_again(tmp_path):

@@ -1,0 +1,75 @@
+"""Language-modelling corpora: tokenized once into the cache, then memory-mapped by every worker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmt_dist.config import DataConfig
+from rmt_dist.data import sources
+from rmt_dist.data.cache import build_once, cache_root, entry_key
+from rmt_dist.data.errors import DataError
+from rmt_dist.data.tokenizers import SPLITS, tokenize_bytes, tokenize_words
+
+# dataset -> (tokenizer level, metric); word level reports perplexity, byte level bits per character
+LM_DATASETS: dict[str, tuple[str, str]] = {
+    "smoke": ("word", "ppl"),
+    "wikitext-103": ("word", "ppl"),
+    "smoke-bytes": ("byte", "bpc"),
+    "wikitext-103-raw": ("byte", "bpc"),
+    "enwik8": ("byte", "bpc"),
+}
+
+
+@dataclass(frozen=True)
+class LMCorpus:
+    name: str
+    train: np.ndarray  # 1-D token ids, memory-mapped read-only from the cache
+    valid: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+    metric: str  # "ppl" (word level) or "bpc" (byte level)
+    path: Path  # the cache entry: {train,valid,test}.npy, vocab.txt, meta.json
+    cached: bool  # True when an earlier run (or another worker) had tokenized it already
+
+    def symbols(self) -> list[str]:
+        """The vocabulary, id order (bytes as their decimal value)."""
+        return (self.path / "vocab.txt").read_text(encoding="utf-8").splitlines()
+
+
+def _tokenize(dataset: str, source: sources.Source, out: Path) -> None:
+    level = LM_DATASETS[dataset][0]
+    if level == "word":
+        vocab_size = tokenize_words({split: source.text(split) for split in SPLITS}, out)
+    else:
+        vocab_size = tokenize_bytes({split: source.data(split) for split in SPLITS}, out)
+    for split in SPLITS:
+        ids = np.load(out / f"{split}.npy", mmap_mode="r")
+        if not ids.size or (level == "word" and not ids.any()):  # word level: nothing but <eos> (id 0)
+            raise DataError(f"data: the {split} split of {dataset} ({source.describe(split)}) is empty; "
+                            f"expected text")
+    (out / "meta.json").write_text(json.dumps({"dataset": dataset, "level": level, "vocab_size": vocab_size,
+                                               "source": source.fingerprint}))
+
+
+def load_lm_corpus(data_cfg: DataConfig) -> LMCorpus:
+    """The corpus named by ``data.dataset`` / ``data.path``, tokenized on first use and cached.
+
+    Safe to call from several processes at once: one tokenizes, the others wait and memory-map its result.
+    Raises DataError (one line) for an unknown dataset, missing files or an empty split.
+    """
+    if data_cfg.dataset not in LM_DATASETS:
+        raise DataError(f"data.dataset must be one of {', '.join(LM_DATASETS)} for language modelling, "
+                        f"got {data_cfg.dataset!r}")
+    root = cache_root(data_cfg.cache_dir)
+    source = sources.resolve(data_cfg, root)
+    level, metric = LM_DATASETS[data_cfg.dataset]
+    entry = root / "lm" / f"{data_cfg.dataset}-{entry_key(source=source.fingerprint, tokenizer=level)}"
+    built = build_once(entry, lambda tmp: _tokenize(data_cfg.dataset, source, tmp))
+    meta = json.loads((entry / "meta.json").read_text())
+    train, valid, test = (np.load(entry / f"{split}.npy", mmap_mode="r") for split in SPLITS)
+    return LMCorpus(name=data_cfg.dataset, train=train, valid=valid, test=test, vocab_size=meta["vocab_size"],
+                    metric=metric, path=entry, cached=not built)
