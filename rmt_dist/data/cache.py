@@ -36,13 +36,16 @@ def entry_key(**parts: Any) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path``; yields False where the filesystem has no flock (the
+    atomic rename still keeps entries whole there, but builders may then race)."""
     with open(lock_path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-        except OSError:  # a filesystem without flock: the atomic rename below still keeps entries whole
-            pass
-        yield
+        except OSError:
+            yield False
+        else:
+            yield True
 
 
 def build_once(entry: Path, build: Callable[[Path], None]) -> bool:
@@ -58,11 +61,12 @@ def build_once(entry: Path, build: Callable[[Path], None]) -> bool:
     except OSError as err:
         raise DataError(f"data.cache_dir must be a writable directory, got {str(entry.parent)!r} "
                         f"({err.strerror or err})") from None
-    with _exclusive(entry.parent / f".{entry.name}.lock"):
+    with _exclusive(entry.parent / f".{entry.name}.lock") as locked:
         if entry.is_dir():
             return False
-        for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by a killed builder; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+        if locked:  # then any temporary directory of this entry was left by a builder that died
+            for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
         try:
             build(tmp)
