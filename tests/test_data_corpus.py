@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -11,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import REPO
 from rmt_dist.config import ConfigError, DataConfig, from_flat, validate
 from rmt_dist.data import DataError, load_lm_corpus
 from rmt_dist.data.sources import file_chunks
@@ -138,6 +142,16 @@ def test_enwik8_split_and_byte_vocabulary_match_transformer_xl(tmp_path):
     assert len(corpus.test) == len(text[-n:]) - text[-n:].count(b"\n")  # 5% of the file, newlines dropped
 
 
+def test_raw_wikitext_is_byte_level_like_enwik8(tmp_path):
+    texts = {"train": " = Zürich = \n\n Grüße aus Zürich . \n", "valid": " Zürich \n", "test": " ab \n"}
+    corpus = load_lm_corpus(DataConfig(dataset="wikitext-103-raw", cache_dir=str(tmp_path / "cache"),
+                                       path=str(write_wikitext(tmp_path / "raw", texts, ext="raw"))))
+    assert corpus.metric == "bpc" and corpus.vocab_size == len(set(b"".join(t.encode() for t in texts.values())) - {10})
+    to_bytes = [int(s) for s in corpus.symbols()]
+    for split, text in texts.items():
+        assert bytes(to_bytes[i] for i in getattr(corpus, split)) == text.encode().replace(b"\n", b"")
+
+
 def test_smoke_corpora_ship_with_python_and_are_cached(tmp_path):
     cfg = DataConfig(dataset="smoke", cache_dir=str(tmp_path))
     words = load_lm_corpus(cfg)
@@ -193,7 +207,7 @@ def test_incomplete_or_empty_corpus_is_one_clear_line(tmp_path, texts, message):
     ("enwik8", "", "data.path must be the enwik8 file"),
     ("wikitext-103", "http://example.com/wt103", "data.path must be a local path or s3://bucket/prefix"),
     ("wikitext-2", "", "data.dataset must be one of smoke, wikitext-103, smoke-bytes, wikitext-103-raw, enwik8"),
-    ("wikitext-103", "latin1", "must be UTF-8 text (byte 2 is not)"),
+    ("wikitext-103", "latin1", "wiki.train.tokens' must be UTF-8 text (invalid continuation byte)"),
 ])
 def test_bad_corpus_input_is_one_clear_line(tmp_path, dataset, path, message):
     (tmp_path / "empty_dir").mkdir()
@@ -221,3 +235,15 @@ def test_unwritable_cache_dir_is_one_clear_line(tmp_path):
 def test_config_validation_rejects_bad_data_keys(flat, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(from_flat(flat))
+
+
+def test_hub_unreachable_is_one_line_that_points_to_data_path(tmp_path):
+    """The real default path (``datasets.load_dataset`` of the hub's wikitext), offline as on this machine."""
+    code = ("from rmt_dist.config import DataConfig\nfrom rmt_dist.data import DataError, load_lm_corpus\n"
+            f"try:\n    load_lm_corpus(DataConfig(dataset='wikitext-103', cache_dir={str(tmp_path)!r}))\n"
+            "except DataError as err:\n    print(err)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    [line] = out.strip().splitlines()
+    assert line.startswith("data.dataset=wikitext-103: could not load Salesforce/wikitext (wikitext-103-v1) from "
+                           "the Hugging Face hub (") and line.endswith("); set data.path to a local copy")

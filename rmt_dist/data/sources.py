@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,7 +41,7 @@ def file_chunks(path: Path, chunk_chars: int = _CHUNK_CHARS) -> Iterator[str]:
                 chunk += f.readline()
                 yield chunk if chunk.endswith("\n") else chunk + "\n"
     except UnicodeDecodeError as err:
-        raise DataError(f"data: {str(path)!r} must be UTF-8 text (byte {err.start} is not)") from None
+        raise DataError(f"data: {str(path)!r} must be UTF-8 text ({err.reason})") from None
 
 
 def rows_to_text(rows: list[str]) -> str:
@@ -78,17 +78,16 @@ class TableSource:
     load: Callable[[], Any]
     fingerprint: dict[str, Any]
     label: str
-    splits: dict[str, str] = field(default_factory=lambda: dict(HUB_SPLITS))
 
     @cached_property
     def _tables(self) -> Any:
         return self.load()
 
     def describe(self, split: str) -> str:
-        return f"{self.label} {self.splits[split]}"
+        return f"{self.label} {HUB_SPLITS[split]}"
 
     def text(self, split: str) -> Iterator[str]:
-        table = self._tables[self.splits[split]]
+        table = self._tables[HUB_SPLITS[split]]
         if "text" not in table.column_names:
             raise DataError(f"data: {self.describe(split)} must have a 'text' column, got {table.column_names}")
         for batch in table.iter(batch_size=100_000):
@@ -193,9 +192,11 @@ def resolve(cfg: DataConfig, root: Path) -> Source:
     """The source named by ``data.dataset`` and ``data.path`` (staging s3:// into the cache first)."""
     if cfg.dataset in ("smoke", "smoke-bytes"):
         return FileSource(smoke_files(root, raw=cfg.dataset == "smoke-bytes"))
-    if cfg.dataset == "enwik8" and not cfg.path:
-        raise DataError("data.path must be the enwik8 file (a local path or s3://bucket/key) for "
-                        "data.dataset=enwik8, got ''")
+    if not cfg.path:
+        if cfg.dataset == "enwik8":
+            raise DataError("data.path must be the enwik8 file (a local path or s3://bucket/key) for "
+                            "data.dataset=enwik8, got ''")
+        return _hub(cfg.dataset, root)
     if cfg.path.startswith("s3://"):
         local = s3.stage(cfg.path, root, cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
     elif "://" in cfg.path:
@@ -204,6 +205,4 @@ def resolve(cfg: DataConfig, root: Path) -> Source:
         local = Path(cfg.path).expanduser().resolve()
     if cfg.dataset == "enwik8":
         return _enwik8(local)
-    if not cfg.path:
-        return _hub(cfg.dataset, root)
     return _wikitext_dir(local, raw=cfg.dataset.endswith("-raw"), root=root)
