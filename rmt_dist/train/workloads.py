@@ -87,11 +87,8 @@ class TaskWorkload:
         self._batches = self._epoch_batches()
 
     def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = task_batches(self.splits.train, self.cfg.train.batch_size, self.world, self.rank,
-                               epoch=self.epoch, shuffle=True)
-        for _ in range(self.batch_index):
-            next(batches)
-        return batches
+        return task_batches(self.splits.train, self.cfg.train.batch_size, self.world, self.rank, epoch=self.epoch,
+                            shuffle=True, seed=self.cfg.train.seed, start_batch=self.batch_index)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
