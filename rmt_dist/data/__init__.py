@@ -8,8 +8,8 @@
 
 from rmt_dist.data.corpus import LMCorpus, load_lm_corpus
 from rmt_dist.data.errors import DataError
-from rmt_dist.data.streams import LMStreams, Segment
+from rmt_dist.data.streams import LMStreams
 from rmt_dist.data.task_splits import TaskSplits, load_task_splits, num_task_batches, task_batches
 
-__all__ = ["DataError", "LMCorpus", "LMStreams", "Segment", "TaskSplits", "load_lm_corpus", "load_task_splits",
+__all__ = ["DataError", "LMCorpus", "LMStreams", "TaskSplits", "load_lm_corpus", "load_task_splits",
            "num_task_batches", "task_batches"]
