@@ -43,11 +43,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "train.eval_interval": 4000, "train.eval_batches": 0},
     },
     "algorithmic": {
-        # Copy, source 8, over 3 segments: learns to ~0.9 token accuracy in well under a minute of CPU.
+        # Copy, source 8 written twice, 3 segments of 8: RMT reaches 1.0 token accuracy in ~30 s of 2 CPUs.
         "smoke": {**_SMOKE_COMMON, "data.dataset": "task", "data.task": "copy", "data.task_length": 8,
-                  "data.segment_len": 9, "data.num_segments": 3, "data.num_train": 2000, "data.num_valid": 200,
-                  "data.num_test": 200, "memory.bptt_unroll": -1, "memory.bptt_mode": "window",
-                  "train.batch_size": 32, "train.lr": 3e-3, "train.max_steps": 60, "train.eval_interval": 30},
+                  "data.segment_len": 8, "data.num_segments": 3, "data.num_train": 20_000, "data.num_valid": 500,
+                  "data.num_test": 500, "memory.bptt_unroll": -1, "memory.bptt_mode": "window",
+                  "train.batch_size": 32, "train.lr": 3e-3, "train.max_steps": 500, "train.eval_interval": 250},
         # The paper's copy/reverse setting: 4 layers, 4 heads, d 128, LR 1e-4 constant, full BPTT.
         "paper": {**_PAPER_COMMON, "data.dataset": "task", "data.task": "copy", "data.task_length": 24,
                   "data.segment_len": 24, "data.num_segments": 3, "model.d_model": 128, "model.n_layers": 4,
