@@ -103,6 +103,7 @@ class ScalingConfig:
 class MlflowConfig:
     tracking_uri: str = _f("", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = _f("", "experiment name; empty = the job's name")
+    artifact_location: str = _f("", "artifact root for a new experiment (e.g. s3://bucket/mlflow); empty = the server's")
     enabled: bool = _f(True, "log to MLflow")
 
 

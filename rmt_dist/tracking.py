@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rmt_dist.config import Config, to_flat
-from rmt_dist.storage import redact
+from rmt_dist.storage import endpoint_url, redact
 
 RUN_NAME_TAG = "rmt_dist.run_name"
 
@@ -40,7 +40,22 @@ def _git_commit() -> str:
 
 
 def _ray_job_id() -> str:
-    return os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") or ""
+    """The submission id under `ray job submit`, else the driver's Ray job id, else empty."""
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        return os.environ["RAY_JOB_SUBMISSION_ID"]
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+    except Exception:  # the tag is informative only
+        return ""
+
+
+def _use_s3_endpoint(cfg: Config) -> None:
+    """MLflow reads a custom S3 endpoint for s3:// artifacts from MLFLOW_S3_ENDPOINT_URL."""
+    endpoint = endpoint_url(cfg.storage)
+    if endpoint:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
 
 
 def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = None) -> str:
@@ -48,9 +63,11 @@ def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = N
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    _use_s3_endpoint(cfg)
     experiment = cfg.mlflow.experiment or job
     exp = mlflow.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        experiment, artifact_location=cfg.mlflow.artifact_location or None)
     client = mlflow.MlflowClient()
     previous = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if previous and previous[0].info.status != "FINISHED":
@@ -73,6 +90,7 @@ def finish_run(cfg: Config, run_id: str, status: str, summary: Mapping[str, Any]
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    _use_s3_endpoint(cfg)
     client = mlflow.MlflowClient()
     client.log_text(run_id, json.dumps({k: redact(str(v)) if isinstance(v, str) else v
                                         for k, v in to_flat(cfg).items()}, indent=1), "config.json")
