@@ -19,7 +19,7 @@ def run_job(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Comp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--memory.foo", "1"], "unknown config key 'memory.foo'"),
+    (["--memory.foo", "1"], "unknown config key 'memory.foo' (see --help for the keys)"),
     (["--memory.num_tokens", "-3"], "memory.num_tokens must be >= 0, got -3"),
     (["--deepspeed.zero_stage", "5"], "deepspeed.zero_stage must be one of 0, 1, 2, 3, got 5"),
     (["--train.lr=abc"], "train.lr must be a number, got 'abc'"),

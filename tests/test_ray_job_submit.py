@@ -4,9 +4,11 @@ jobs/lm_wikitext.py --preset smoke`, tracked in a real MLflow server."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +26,11 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
     dashboard = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-         "--temp-dir", str(tmp_path / "ray")],
+         "--temp-dir", ray_tmp],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -40,11 +43,8 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "done: val_loss=" in job.stdout and "mlflow run: " in job.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     [run] = client.search_runs([client.get_experiment_by_name("submit_test").experiment_id])
@@ -54,6 +54,19 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
     assert run.data.metrics["memory_state_bytes"] == 4 * 64 * 4  # 4 memory tokens x d_model 64 x fp32
     assert run.data.params["memory.kind"] == "rmt"
     assert run.data.tags["ray_job_id"]
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop this cluster only (its process group), never `ray stop`, which would end every Ray here."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _wait_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,56 @@ def test_checkpoints_go_to_s3_and_resume_from_there_without_leaking_credentials(
     for log in logs.rglob("*"):
         if log.is_file():
             assert S3_SECRET not in log.read_text(errors="ignore"), log
+
+
+def test_s3_outage_during_save_fails_clearly_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, ray_local):
+    """The S3 endpoint stops answering after the first checkpoint: the run fails with a storage
+    error, the first checkpoint stays intact, and once S3 is back the run resumes from it."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from conftest import free_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="flaky")
+    overrides = {"storage.path": "s3://flaky/runs", "storage.endpoint_url": endpoint, "storage.run_name": "outage",
+                 "train.max_steps": 30, "train.eval_interval": 10, "train.eval_batches": 1}
+
+    def stop_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            listing = s3.list_objects_v2(Bucket="flaky", Prefix="runs/outage/")
+            if any(o["Key"].endswith("checkpoint_manager_snapshot.json") for o in listing.get("Contents", [])):
+                server.stop()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(Exception) as failure:
+        run_training(smoke_config(tmp_path, data_cache, **overrides), "test_outage")
+    watcher.join(timeout=5)
+    assert "127.0.0.1" in str(failure.value) or "connect" in str(failure.value).lower(), str(failure.value)[-2000:]
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # S3 is back, same state
+    server.start()
+    try:
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="flaky", Prefix="runs/outage/")["Contents"]]
+        first = sorted({k.split("/")[2] for k in keys if "/checkpoint_" in k})[0]
+        local = tmp_path / "first"
+        for key in keys:
+            if f"/{first}/" in key:
+                target = local / key.split(f"/{first}/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file("flaky", key, str(target))
+        checkpoint.verify(local, world_size=2)  # intact: every file matches its manifest
+        resumed = run_training(smoke_config(tmp_path, data_cache, **overrides), "test_outage")
+        assert resumed.metrics["step"] == 30
+    finally:
+        server.stop()
