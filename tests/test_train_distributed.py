@@ -210,7 +210,7 @@ def test_s3_outage_during_save_fails_clearly_and_keeps_the_last_good_checkpoint(
         first = sorted({k.split("/")[2] for k in keys if "/checkpoint_" in k})[0]
         local = tmp_path / "first"
         for key in keys:
-            if f"/{first}/" in key:
+            if f"/{first}/" in key and not key.endswith("/"):
                 target = local / key.split(f"/{first}/", 1)[1]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 s3.download_file("flaky", key, str(target))
