@@ -74,6 +74,11 @@ def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None 
     return mask
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """The loss in fp32 under bf16/fp16, and in the model's own precision above that."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class InitialMemory(nn.Module):
     """The learned memory of the first segment (m x d). A module of its own so that ZeRO-3, which
     gathers parameters in module forward hooks, materialises it."""
@@ -154,12 +159,12 @@ class MemoryModel(nn.Module):
             n_tokens = torch.zeros((), dtype=torch.long, device=logits.device)
         else:
             loss_sum = F.cross_entropy(
-                logits.reshape(B * L, -1).float(), labels.reshape(B * L), ignore_index=IGNORE_INDEX, reduction="sum"
+                _at_least_fp32(logits).reshape(B * L, -1), labels.reshape(B * L), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             n_tokens = (labels != IGNORE_INDEX).sum()
         if self.aux_loss_weight and new_memory is not None:
             # The write block predicts a fixed extra class (index vocab_size) from memory (RMT + XL's aux loss).
-            aux_logits = self.backbone.logits(new_memory).float()  # [B, m, V + 1]
+            aux_logits = _at_least_fp32(self.backbone.logits(new_memory))  # [B, m, V + 1]
             target = torch.full(aux_logits.shape[:2], self.vocab_size, device=aux_logits.device)
             aux = F.cross_entropy(aux_logits.reshape(-1, aux_logits.shape[-1]), target.reshape(-1))
             loss_sum = loss_sum + self.aux_loss_weight * aux * n_tokens.clamp(min=1)
