@@ -264,3 +264,31 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(kind: str) ->
     for name in plain_grads:
         torch.testing.assert_close(ac_grads[name], plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
     assert ac_saved < 0.6 * plain_saved, (ac_saved, plain_saved)
+
+
+@pytest.mark.parametrize("head_dim", (8, 7))
+def test_rotary_scores_depend_only_on_relative_position(head_dim: int) -> None:
+    from rmt_dist.model.backbone import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(12, head_dim, 10000.0, torch.device("cpu"), torch.float64)
+    q, k = torch.randn(2, head_dim, dtype=torch.float64).unbind(0)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        qi = apply_rotary(q.view(1, 1, 1, -1), cos[i:i + 1], sin[i:i + 1])
+        kj = apply_rotary(k.view(1, 1, 1, -1), cos[j:j + 1], sin[j:j + 1])
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(5, 2), score(11, 8), rtol=1e-6, atol=1e-6)  # tables are fp32
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_odd_head_dim_model_runs_causally() -> None:
+    """The paper's WikiText-103 width has 41-wide heads (410 / 10)."""
+    cfg = Config()
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_ff = 30, 1, 2, 32
+    cfg.memory.kind, cfg.memory.num_tokens, cfg.memory.xl_len = "rmt_xl", 2, 4
+    model = build_model(cfg, VOCAB).double().eval()
+    ids = torch.randint(0, VOCAB, (B, S * L))
+    changed = ids.clone()
+    changed[:, L + 1] = (changed[:, L + 1] + 1) % VOCAB
+    torch.testing.assert_close(all_logits(model, changed)[:, :L + 1], all_logits(model, ids)[:, :L + 1], **TIGHT)

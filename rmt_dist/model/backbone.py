@@ -19,18 +19,24 @@ from rmt_dist.config import ModelConfig
 
 
 def rotary_tables(n: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape [n, head_dim] for positions 0..n-1 (rotate-half convention)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # [n, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [n, hd]
+    """cos and sin of shape [n, r] for positions 0..n-1 (rotate-half convention), r = head_dim rounded
+    down to even: an odd head (the paper's WikiText-103 model has 410 / 10 = 41) keeps its last
+    channel unrotated."""
+    r = head_dim - head_dim % 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, device=device, dtype=torch.float32) / r))
+    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # [n, r/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [n, r]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, hd]; cos/sin: [T, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x: [B, H, T, hd]; cos/sin: [T, r] with r = hd or hd - 1 (the rest passes through)."""
+    r = cos.shape[-1]
+    x_rot = x[..., :r]
+    half = r // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
 class Attention(nn.Module):
