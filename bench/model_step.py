@@ -1,0 +1,174 @@
+"""Cost of memory: tokens/s and peak memory of one training step (forward, backward, AdamW step) of a
+memory kind against ``none`` on the same tokens, same model size, in the same run.
+
+    python bench/model_step.py --kind rmt --segment-len 512 --num-tokens 10 --segments 2 \\
+        --d-model 256 --layers 4 --heads 4 --batch 4 --repeats 5 --threads 2
+
+Repeats alternate the two kinds (and which goes first) so drift and neighbours' load hit both; the
+figures are medians. Peak memory is what the step allocates above what was resident before it
+(parameters and AdamW state): on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running total of
+the allocator's events that ``torch.profiler`` records (``profile_memory=True``), measured in one
+separate, untimed step. The issue's target: at segment 512 with 10 memory tokens, rmt costs at most
+1.15x none.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, bench/ is sys.path[0] and bench/tokenize.py would shadow the standard library's
+# tokenize (torch imports it): look in the repository root instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from rmt_dist.config import Config, validate  # noqa: E402
+from rmt_dist.model import build_model, split_segments, train_segments  # noqa: E402
+
+
+def make_config(args: argparse.Namespace, kind: str) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.d_model, m.n_layers, m.n_heads, m.d_ff, m.dropout = args.d_model, args.layers, args.heads, 4 * args.d_model, 0.0
+    mem = cfg.memory
+    mem.kind = kind
+    mem.num_tokens = args.num_tokens if kind in ("memtr", "rmt", "rmt_xl") else 0
+    mem.xl_len = args.xl_len if kind in ("xl", "rmt_xl") else 0
+    mem.bptt_unroll, mem.bptt_mode, mem.replay_backprop = args.bptt_unroll, args.bptt_mode, args.replay
+    cfg.data.segment_len, cfg.data.num_segments = args.segment_len, args.segments
+    cfg.train.activation_checkpointing = args.activation_checkpointing
+    return validate(cfg)
+
+
+class Runner:
+    """One model, its optimizer and a fixed batch; ``step()`` is one training step."""
+
+    def __init__(self, cfg: Config, args: argparse.Namespace, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg, args.vocab).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, args.vocab, (args.batch, args.segments * args.segment_len + 1), generator=g)
+        self.segments = split_segments(ids[:, :-1].to(device), ids[:, 1:].to(device), args.segment_len)
+        self.tokens = ids[:, :-1].numel()
+        self.autocast = args.bf16
+
+    def step(self) -> float:
+        mem = self.cfg.memory
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            stats = train_segments(self.model, self.segments, bptt_unroll=mem.bptt_unroll, bptt_mode=mem.bptt_mode,
+                                   replay=mem.replay_backprop)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats.loss_sum
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(self, steps: int) -> float:
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.sync()
+        return (time.perf_counter() - start) / steps
+
+    def peak_bytes(self) -> int:
+        """Bytes the step allocates above what is resident before it (one untimed step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.step()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        memory = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
+        running = peak = 0
+        for _, nbytes in memory:
+            running += nbytes
+            peak = max(peak, running)
+        return peak
+
+    def resident_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + [t for s in self.optimizer.state.values() for t in s.values()
+                                                   if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="rmt", choices=("memtr", "xl", "rmt", "rmt_xl", "none"))
+    parser.add_argument("--segment-len", type=int, default=512)
+    parser.add_argument("--num-tokens", type=int, default=10)
+    parser.add_argument("--xl-len", type=int, default=0, help="XL cache per layer (xl, rmt_xl); 0 = segment length")
+    parser.add_argument("--segments", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256, help="byte-level, as enwik8")
+    parser.add_argument("--bptt-unroll", type=int, default=-1)
+    parser.add_argument("--bptt-mode", default="window", choices=("window", "sliding"))
+    parser.add_argument("--replay", action="store_true", help="memory-replay backprop (needs --bptt-unroll -1)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat and kind")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.xl_len = args.xl_len or args.segment_len
+    device = torch.device(args.device)
+    kinds = [args.kind, "none"] if args.kind != "none" else ["none"]
+    runners = {kind: Runner(make_config(args, kind), args, device) for kind in kinds}
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"d_model {args.d_model}, {args.layers} layers, {args.heads} heads, batch {args.batch}, "
+          f"{args.segments} x {args.segment_len} tokens, memory {args.num_tokens}, "
+          f"BPTT {args.bptt_unroll} {args.bptt_mode}{' replay' if args.replay else ''}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}", flush=True)
+    for runner in runners.values():  # warm-up: allocator, AdamW state, kernels
+        runner.step()
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for r in range(args.repeats):
+        order = kinds if r % 2 == 0 else kinds[::-1]
+        for kind in order:
+            times[kind].append(runners[kind].seconds(args.steps))
+        print(f"repeat {r + 1}: " + " | ".join(f"{k} {runners[k].tokens / times[k][-1]:,.0f} tok/s" for k in kinds),
+              flush=True)
+    peaks = {kind: runners[kind].peak_bytes() for kind in kinds}
+    for kind in kinds:
+        t = statistics.median(times[kind])
+        print(f"{kind:7s} median {t * 1000:8.1f} ms/step  {runners[kind].tokens / t:10,.0f} tok/s  "
+              f"peak {peaks[kind] / 2**20:8.1f} MiB above {runners[kind].resident_bytes() / 2**20:.1f} MiB resident")
+    if args.kind != "none":
+        ratio = statistics.median(times[args.kind]) / statistics.median(times["none"])
+        per_repeat = [a / b for a, b in zip(times[args.kind], times["none"])]
+        print(f"{args.kind}/none step time: {ratio:.3f}x (per repeat {min(per_repeat):.3f}-{max(per_repeat):.3f}), "
+              f"peak memory {peaks[args.kind] / max(peaks['none'], 1):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
