@@ -31,7 +31,8 @@ INVALID = [
     ({"data.segment_len": 0}, "data.segment_len must be >= 1, got 0"),
     ({"train.lr": 0}, "train.lr must be > 0, got 0.0"),
     ({"deepspeed.zero_stage": 4}, "deepspeed.zero_stage must be one of 0, 1, 2, 3, got 4"),
-    ({"deepspeed.offload_params": True}, "deepspeed.offload_params must be false unless deepspeed.zero_stage=3, got True"),
+    ({"deepspeed.offload_params": True},
+     "deepspeed.offload_params must be false unless deepspeed.zero_stage=3, got True"),
     ({"scaling.num_workers": 0}, "scaling.num_workers must be >= 1, got 0"),
 ]
 
@@ -75,7 +76,7 @@ def test_defaults_and_every_preset_round_trip_through_the_flat_form() -> None:
     for cfg in configs:
         flat = to_flat(cfg)
         assert list(flat) == list(KEY_TYPES)
-        assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())  # MLflow params, Tune spaces
+        assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())  # MLflow params, Tune
         assert from_flat(flat) == cfg
         assert from_flat({k: str(v) for k, v in flat.items()}) == cfg  # as logged text, too
 
@@ -104,8 +105,9 @@ def test_overrides_copy_and_never_mutate() -> None:
 
 def test_parse_args_preset_then_dotted_overrides_in_both_forms() -> None:
     presets = PRESETS["lm_wikitext"]
-    cfg = parse_args(["--preset", "paper", "--model.n_heads", "5", "--memory.num_tokens", "25", "--memory.bptt_unroll=3",
-                      "--train.activation_checkpointing=false", "--memory.kind", "rmt_xl", "--memory.xl_len=75"],
+    cfg = parse_args(["--preset", "paper", "--model.n_heads", "5", "--memory.num_tokens", "25",
+                      "--memory.bptt_unroll=3", "--train.activation_checkpointing=false", "--memory.kind", "rmt_xl",
+                      "--memory.xl_len=75"],
                      presets)
     assert cfg.model.d_model == presets["paper"]["model.d_model"] == 410  # from the preset
     assert (cfg.memory.num_tokens, cfg.memory.bptt_unroll, cfg.memory.kind, cfg.memory.xl_len) == (25, 3, "rmt_xl", 75)

@@ -119,7 +119,8 @@ def test_read_memory_attends_to_its_whole_block(kind: str) -> None:
     handle = model.backbone.embed.register_forward_hook(lambda mod, args, out: x_tokens.append(out))
     model(ids, None, state)
     handle.remove()
-    h_read0 = (captured["h"][:, 0] * torch.randn(32, dtype=torch.float64)).sum()  # (a plain sum of LayerNorm output is constant)
+    # (a random projection: the plain sum of a LayerNorm output is constant)
+    h_read0 = (captured["h"][:, 0] * torch.randn(32, dtype=torch.float64)).sum()
     g_mem, g_tok = torch.autograd.grad(h_read0, [memory, x_tokens[0]])
     assert g_mem[..., -1, :].abs().max() > 0, "read position 0 does not see the last memory token"
     assert g_tok.abs().max() == 0, "read memory sees the segment's tokens"

@@ -126,7 +126,11 @@ def test_replay_runs_the_same_forward_as_the_loop(kind: str) -> None:
     torch.manual_seed(5)
     ref, _ = forward_segments(model, segments)
     seen: list = []
-    handle = model.register_forward_hook(lambda mod, args, out: seen.append((args[2], out)) if out.logits.requires_grad else None)
+    def record(module, args, out) -> None:
+        if out.logits is not None and out.logits.requires_grad:  # the replayed segments, not the no-grad pass
+            seen.append((args[2], out))
+
+    handle = model.register_forward_hook(record)
     torch.manual_seed(5)
     train_segments(model, segments, bptt_unroll=-1, replay=True)
     handle.remove()
@@ -339,3 +343,83 @@ def test_stream_without_history_carries_detached_memory(mode: str, k: int) -> No
     assert not any(reach[:2] != [False, False] for reach in reaches[len(reaches) // 2:])  # step 2 never reaches step 1
     _, ref_state = forward_segments(model, segments)
     torch.testing.assert_close(stream.state.memory, ref_state.memory, rtol=0, atol=1e-12)
+
+
+# ---- cost: what the recurrence runs --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ("none", "memtr", "xl"))
+def test_kinds_without_gradient_memory_get_full_bptt_gradients_in_every_mode(kind: str) -> None:
+    """No gradient crosses segments (xl's cache is stop-gradient), so every mode is the same training
+    signal, and sliding BPTT runs each segment once instead of re-running k earlier ones."""
+    model = tiny(kind, dropout=0.2)
+    segments = make_segments(4)
+    torch.manual_seed(3)
+    full = train_segments(model, segments, bptt_unroll=-1, bptt_mode="window")
+    full_grads = grads_of(model)
+    runs = []
+    handle = model.register_forward_hook(lambda mod, args, out: runs.append(1))
+    for mode, k in (("sliding", 2), ("sliding", 0), ("window", 1)):
+        model.zero_grad()
+        runs.clear()
+        torch.manual_seed(3)
+        stats = train_segments(model, segments, bptt_unroll=k, bptt_mode=mode)
+        assert len(runs) == len(segments), (mode, k)
+        assert stats.loss_sum == pytest.approx(full.loss_sum, rel=1e-12)
+        for name, g in grads_of(model).items():
+            torch.testing.assert_close(g, full_grads[name], rtol=1e-9, atol=1e-12, msg=f"{mode} {k} {name}")
+    handle.remove()
+
+
+def test_sliding_runs_the_lm_head_only_for_the_loss_it_backpropagates() -> None:
+    model = tiny("rmt")
+    heads = []
+    model.backbone.head.register_forward_hook(lambda mod, args, out: heads.append(out.requires_grad))
+    n, k = 5, 2
+    train_segments(model, make_segments(n), bptt_unroll=k, bptt_mode="sliding")
+    assert heads == [True] * n
+    heads.clear()
+    train_segments(model, make_segments(n), bptt_unroll=-1, replay=True)
+    assert heads == [True] * n
+
+
+@pytest.mark.parametrize("kind", ("rmt", "xl", "none"))
+@pytest.mark.parametrize("mode,k,replay", [("sliding", 2, False), ("sliding", 0, False), ("sliding", -1, False),
+                                           ("window", 1, False), ("window", 2, False), ("window", -1, False),
+                                           ("window", -1, True)])
+def test_backward_calls_match_the_engines_accumulation_count(kind: str, mode: str, k: int, replay: bool) -> None:
+    """DeepSpeed steps after ``backward_calls_per_step`` backward calls: the recurrence must make exactly
+    that many per training step, in train_segments and in streams."""
+    from rmt_dist.train.engine import backward_calls_per_step
+
+    n = 5
+    cfg = Config()
+    cfg.memory.kind, cfg.memory.bptt_unroll, cfg.memory.bptt_mode, cfg.memory.replay_backprop = kind, k, mode, replay
+    cfg.data.num_segments = n
+    expected = backward_calls_per_step(cfg)
+    model = tiny(kind)
+    segments = make_segments(2 * n)
+    calls = []
+    train_segments(model, segments[:n], bptt_unroll=k, bptt_mode=mode, replay=replay,
+                   backward=lambda loss: (calls.append(1), loss.backward()))
+    assert len(calls) == expected
+    stream = StreamState()
+    for step in range(2):
+        calls.clear()
+        _, stream = stream_train_step(model, stream, segments[step * n:(step + 1) * n], bptt_unroll=k, bptt_mode=mode,
+                                      replay=replay, backward=lambda loss: (calls.append(1), loss.backward()))
+        assert len(calls) == expected, step
+
+
+def test_aux_loss_adds_the_weighted_memory_prediction_of_the_extra_class() -> None:
+    cfg = Config()
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_ff = D, 2, 4, 64
+    cfg.memory.kind, cfg.memory.num_tokens, cfg.memory.xl_len, cfg.memory.aux_loss_weight = "rmt_xl", 3, 6, 0.01
+    model = build_model(cfg, VOCAB).double()
+    assert model.backbone.head.out_features == VOCAB + 1
+    ids, labels = make_segments(1)[0]
+    out = model(ids, labels, model.init_state())
+    assert out.logits.shape == (B, L, VOCAB)
+    token_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
+    aux_logits = model.backbone.logits(out.state.memory)
+    aux = torch.nn.functional.cross_entropy(aux_logits.reshape(-1, VOCAB + 1), torch.full((B * 3,), VOCAB))
+    torch.testing.assert_close(out.loss_sum, token_loss + 0.01 * aux * out.n_tokens, rtol=1e-12, atol=1e-12)

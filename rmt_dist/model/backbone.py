@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from rmt_dist.config import ModelConfig
 
 
-def rotary_tables(n: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rotary_tables(n: int, head_dim: int, base: float, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sin of shape [n, r] for positions 0..n-1 (rotate-half convention), r = head_dim rounded
     down to even: an odd head (the paper's WikiText-103 model has 410 / 10 = 41) keeps its last
     channel unrotated."""

@@ -50,7 +50,7 @@ class MemoryState:
 
 @dataclass
 class SegmentOutput:
-    logits: Tensor  # [B, L, V]
+    logits: Tensor | None  # [B, L, V]; None when run with_logits=False
     state: MemoryState
     loss_sum: Tensor  # scalar: summed token cross-entropy (+ weighted aux loss)
     n_tokens: Tensor  # scalar long: labelled tokens in the segment
@@ -121,19 +121,31 @@ class MemoryModel(nn.Module):
         vectors = (self.num_tokens if self.kind in ("rmt", "rmt_xl") else 0) + self.xl_len * self.backbone.n_layers
         return vectors * self.backbone.d_model * torch.tensor([], dtype=dtype).element_size()
 
-    def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState) -> SegmentOutput:
-        """One segment, through the module call so that forward hooks run."""
-        return self(input_ids, labels, state)
+    @property
+    def carries_gradient(self) -> bool:
+        """Whether gradients flow from one segment into earlier ones (the XL cache is stop-gradient)."""
+        return self.kind in ("rmt", "rmt_xl")
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState) -> SegmentOutput:
-        """One segment. input_ids, labels: [B, L] (labels already aligned, IGNORE_INDEX = no loss)."""
+    def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
+             with_logits: bool = True) -> SegmentOutput:
+        """One segment, through the module call so that forward hooks run."""
+        return self(input_ids, labels, state, with_logits=with_logits)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
+                with_logits: bool = True) -> SegmentOutput:
+        """One segment. input_ids, labels: [B, L] (labels already aligned, IGNORE_INDEX = no loss).
+
+        ``with_logits=False`` computes only the next state (no LM head, no loss: ``logits`` is None and
+        the loss zero): what the recurrence needs for segments whose loss it does not backpropagate.
+        The head is the largest layer with a big vocabulary (267k words on WikiText-103).
+        """
         B, L = input_ids.shape
         m, kind = self.num_tokens, self.kind
         x = self.backbone.embed_tokens(input_ids)  # [B, L, d]
         if kind == "memtr" and m:
-            x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)
+            x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)  # [B, m + L, d]
         elif kind in ("rmt", "rmt_xl"):
-            mem = self.memory_init(B).to(x.dtype) if state.memory is None else state.memory
+            mem = self.memory_init(B).to(x.dtype) if state.memory is None else state.memory.to(x.dtype)
             x = torch.cat([mem, x, mem], dim=1)  # [B, m + L + m, d]
         caches = state.xl if self.xl_len and state.xl is not None else None
         c = 0 if caches is None else caches[0].shape[1]
@@ -141,32 +153,33 @@ class MemoryModel(nn.Module):
         h, layer_inputs = self.backbone(x, mask=mask, caches=caches, return_layer_inputs=bool(self.xl_len))
 
         read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
-        h_tokens = h[:, read:read + L]
-        new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None
+        h_tokens = h[:, read:read + L]  # [B, L, d]
+        new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None  # [B, m, d] = H_write
         new_xl = None
-        if self.xl_len:
+        if self.xl_len:  # per layer: the last xl_len token states (block inputs) of cache + this segment
             new_xl = tuple(
-                (li[:, read:read + L] if caches is None else torch.cat([cache, li[:, read:read + L]], dim=1))[
+                (li[:, read:read + L] if cache is None else torch.cat([cache, li[:, read:read + L]], dim=1))[
                     :, -self.xl_len:
                 ].detach()
                 for li, cache in zip(layer_inputs, caches or [None] * len(layer_inputs))
             )
+        state_out = MemoryState(memory=new_memory, xl=new_xl)
+        n_tokens = (torch.zeros((), dtype=torch.long, device=x.device) if labels is None
+                    else (labels != IGNORE_INDEX).sum())
+        if not with_logits:
+            return SegmentOutput(logits=None, state=state_out, loss_sum=h.new_zeros(()), n_tokens=n_tokens)
 
-        logits_all = self.backbone.logits(h_tokens)
-        logits = logits_all[..., : self.vocab_size]
+        logits = self.backbone.logits(h_tokens)[..., : self.vocab_size]  # [B, L, V]
         if labels is None:
-            loss_sum = logits.new_zeros(())
-            n_tokens = torch.zeros((), dtype=torch.long, device=logits.device)
+            loss_sum = _at_least_fp32(logits).new_zeros(())
         else:
-            loss_sum = F.cross_entropy(
-                _at_least_fp32(logits).reshape(B * L, -1), labels.reshape(B * L), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            n_tokens = (labels != IGNORE_INDEX).sum()
+            loss_sum = F.cross_entropy(_at_least_fp32(logits).reshape(B * L, -1), labels.reshape(B * L),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
         if self.aux_loss_weight and new_memory is not None:
-            # The write block predicts a fixed extra class (index vocab_size) from memory (RMT + XL's aux loss).
+            # The write block predicts a fixed extra class (index vocab_size) from memory (RMT + XL's aux
+            # loss), weighted per labelled token so that dividing by the token count keeps the weight.
             aux_logits = _at_least_fp32(self.backbone.logits(new_memory))  # [B, m, V + 1]
             target = torch.full(aux_logits.shape[:2], self.vocab_size, device=aux_logits.device)
             aux = F.cross_entropy(aux_logits.reshape(-1, aux_logits.shape[-1]), target.reshape(-1))
             loss_sum = loss_sum + self.aux_loss_weight * aux * n_tokens.clamp(min=1)
-        return SegmentOutput(logits=logits, state=MemoryState(memory=new_memory, xl=new_xl), loss_sum=loss_sum,
-                             n_tokens=n_tokens)
+        return SegmentOutput(logits=logits, state=state_out, loss_sum=loss_sum, n_tokens=n_tokens)

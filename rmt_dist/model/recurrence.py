@@ -2,9 +2,10 @@
 
 ``model`` is a MemoryModel or a DeepSpeed engine wrapping one: it is called (``model(ids, labels,
 state)``), never ``model.step``, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
-gradients across backward calls only then). A ``Segment`` is ``(input_ids, labels)``, both [B, L], labels already aligned (IGNORE_INDEX = no
-loss). Training functions take a ``backward`` callable (``Tensor.backward`` in plain PyTorch,
-``engine.backward`` under DeepSpeed; it must not rescale the loss) and call it one or more times;
+gradients across backward calls only then). A ``Segment`` is ``(input_ids, labels)``, both [B, L],
+labels already aligned (IGNORE_INDEX = no loss). Training functions take a ``backward`` callable
+(``Tensor.backward`` in plain PyTorch, ``engine.backward`` under DeepSpeed; it must not rescale the
+loss) and call it one or more times;
 gradients accumulate, and every loss handed to it is already divided by the window's labelled-token
 count, so the accumulated gradient is that of the window's mean token loss.
 
@@ -12,8 +13,12 @@ BPTT (``bptt_unroll`` = k):
 - ``window``: the new segments are cut into chunks of k+1; memory is detached between chunks, so a
   segment's loss reaches back to its chunk's start (at most k segments).
 - ``sliding``: every segment j's loss reaches exactly k previous segments: the memory before
-  segment j-k is computed without a graph, then segments j-k..j are re-run with one. Streams keep the
-  last k segments as ``history`` so this holds across steps too.
+  segment j-k is computed without a graph, then segments j-k..j are re-run with one (j-k..j-1 without
+  the LM head: only their memory is needed). Streams keep the last k segments as ``history`` so this
+  holds across steps too. Where no gradient crosses segments (none, memtr, xl: its cache is
+  stop-gradient) every k is the same signal, so each segment runs once (as window with k=0).
+- Backward calls per step (DeepSpeed's accumulation count, ``train/engine.py``): one per segment
+  for sliding and replay, one per chunk for window, one for full BPTT.
 - k = -1: full BPTT over the window (one chunk); with ``replay`` the same gradients at constant
   activation memory: a no-grad forward stores the state before each segment, then segments are
   recomputed last to first, each backward seeded with the gradient of the state it produced.
@@ -52,6 +57,13 @@ def forward_segments(model: MemoryModel, segments: Sequence[Segment],
         outputs.append(out)
         state = out.state
     return outputs, state
+
+
+def _state_after(model: MemoryModel, segments: Sequence[Segment], state: MemoryState) -> MemoryState:
+    """The state after ``segments`` from ``state``, without the LM head (in the caller's grad mode)."""
+    for input_ids, labels in segments:
+        state = model(input_ids, labels, state, with_logits=False).state
+    return state
 
 
 @dataclass
@@ -97,9 +109,9 @@ def _no_grad_states(model: MemoryModel, segments: Sequence[Segment], state: Memo
     """States before each segment and after the last (len + 1), and the RNG state before each segment."""
     states, rng = [state.detach()], []
     with torch.no_grad():
-        for input_ids, labels in segments:
+        for segment in segments:
             rng.append(_get_rng())
-            states.append(model(input_ids, labels, states[-1]).state.detach())
+            states.append(_state_after(model, [segment], states[-1]).detach())
     return states, rng
 
 
@@ -127,9 +139,10 @@ def _sliding_backward(model: MemoryModel, context: Sequence[Segment], segments: 
     for j in range(len(context), len(everything)):
         start = max(0, j - k)
         with _replaying_rng(rng[start]):
-            outputs, _ = forward_segments(model, everything[start:j + 1], states[start])
-        backward(outputs[-1].loss_sum / normalizer)
-        total += outputs[-1].loss_sum.item()
+            before = _state_after(model, everything[start:j], states[start])  # re-run with a graph
+            out = model(*everything[j], before)
+        backward(out.loss_sum / normalizer)
+        total += out.loss_sum.item()
     return total, states
 
 
@@ -152,6 +165,13 @@ def _replay_backward(model: MemoryModel, segments: Sequence[Segment], state: Mem
     return total, states[-1]
 
 
+def _sliding_reach(model: MemoryModel, k: int) -> int:
+    """Segments a loss can reach back through memory: k, or 0 where no gradient crosses segments
+    (none, memtr, and xl, whose cache is stop-gradient), so re-running earlier segments adds nothing.
+    (A DeepSpeed engine hands attribute look-ups to its module.)"""
+    return k if model.carries_gradient else 0
+
+
 def train_segments(model: MemoryModel, segments: Sequence[Segment], state: MemoryState | None = None, *,
                    bptt_unroll: int, bptt_mode: str = "window", replay: bool = False,
                    backward: Backward = Tensor.backward) -> StepStats:
@@ -162,9 +182,11 @@ def train_segments(model: MemoryModel, segments: Sequence[Segment], state: Memor
         if bptt_unroll != -1:
             raise ValueError("replay backprop is full BPTT: bptt_unroll must be -1")
         total, state = _replay_backward(model, segments, state, backward, max(n, 1))
-    elif bptt_mode == "sliding" and bptt_unroll >= 0:
+    elif bptt_mode == "sliding" and bptt_unroll >= 0 and _sliding_reach(model, bptt_unroll) > 0:
         total, states = _sliding_backward(model, [], segments, state, bptt_unroll, backward, max(n, 1))
         state = states[-1]
+    elif bptt_mode == "sliding" and bptt_unroll >= 0:  # reach 0 is a window of one: each segment runs once
+        total, state = _window_backward(model, segments, state, 0, backward, max(n, 1))
     else:
         total, state = _window_backward(model, segments, state, bptt_unroll, backward, max(n, 1))
     return StepStats(loss_sum=total, n_tokens=n, state=state.detach())
@@ -174,7 +196,8 @@ def stream_train_step(model: MemoryModel, stream: StreamState, segments: Sequenc
                       bptt_unroll: int, bptt_mode: str, replay: bool = False,
                       backward: Backward = Tensor.backward) -> tuple[StepStats, StreamState]:
     """One LM training step on the next window of a stream; returns the stream's next state."""
-    if not (bptt_mode == "sliding" and bptt_unroll > 0 and not replay):
+    keeps_history = bptt_mode == "sliding" and not replay and _sliding_reach(model, bptt_unroll) > 0
+    if not keeps_history:
         stats = train_segments(model, segments, stream.state, bptt_unroll=bptt_unroll, bptt_mode=bptt_mode,
                                replay=replay, backward=backward)
         return stats, StreamState(state=stats.state)
