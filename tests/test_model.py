@@ -293,3 +293,23 @@ def test_odd_head_dim_model_runs_causally() -> None:
     changed = ids.clone()
     changed[:, L + 1] = (changed[:, L + 1] + 1) % VOCAB
     torch.testing.assert_close(all_logits(model, changed)[:, :L + 1], all_logits(model, ids)[:, :L + 1], **TIGHT)
+
+
+@pytest.mark.parametrize("kind,m", [("rmt", 3), ("memtr", 3), ("rmt", 1)])
+def test_block_causal_attention_equals_the_dense_mask(kind: str, m: int) -> None:
+    """The structured mask the model uses without a cache is segment_mask's dense one, run faster."""
+    from rmt_dist.model.backbone import BlockCausal
+
+    model = tiny(kind, m=m).eval()
+    write = m if kind == "rmt" else 0
+    T = m + L + write
+    structured = BlockCausal(m, write)
+    dense = segment_mask(kind, m, L, 0)
+    assert torch.equal(structured.dense(T), dense)
+    x = torch.randn(B, T, 32, dtype=torch.float64, requires_grad=True)
+    h1, _ = model.backbone(x, mask=structured)
+    h2, _ = model.backbone(x, mask=dense)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=1e-12)
+    probe = torch.randn_like(h1)
+    g1, g2 = (torch.autograd.grad((h * probe).sum(), x)[0] for h in (h1, h2))
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)

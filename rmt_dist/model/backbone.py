@@ -1,14 +1,15 @@
 """The built-in backbone: a decoder-only pre-LN transformer over embeddings.
 
 It knows nothing of memory: callers hand it embeddings ``x`` of shape [B, T, d], an optional boolean
-attention mask [T, C + T] (True = may attend) and optional per-layer caches of C earlier layer
-inputs (Transformer-XL). Positions are rotary, counted over ``[cache ; x]``, so memory tokens and
+attention mask [T, C + T] (True = may attend) or a structured ``BlockCausal`` one, and optional
+per-layer caches of C earlier layer inputs (Transformer-XL). Positions are rotary, counted over ``[cache ; x]``, so memory tokens and
 cached states get positions like any other token and relative distances stay right.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,29 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
+@dataclass(frozen=True)
+class BlockCausal:
+    """A mask by structure: rows ``[prefix ; tokens ; suffix]`` and no cache. Prefix rows see the whole
+    prefix, token rows the prefix and earlier tokens, suffix rows everything: RMT's read/write layout
+    (memtr: no suffix). Attention runs it as one causal call over ``[prefix ; tokens]`` (the fast
+    kernels' ``is_causal`` path, as with no memory) plus two small unmasked calls, instead of one call
+    with a dense mask; :meth:`dense` is the same mask as booleans."""
+
+    prefix: int
+    suffix: int
+
+    def dense(self, T: int, device: torch.device | None = None) -> Tensor:
+        """[T, T] bool, True = may attend."""
+        p, n = self.prefix, T - self.suffix
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask[:p, :p] = True
+        mask[n:] = True
+        return mask
+
+
+Mask = Union[Tensor, BlockCausal, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -51,7 +75,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, h: Tensor, context: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, h: Tensor, context: Tensor, mask: Mask, cos: Tensor, sin: Tensor) -> Tensor:
         """h: [B, T, d] queries' inputs; context: [B, C + T, d] keys'/values' inputs (h is its tail)."""
         B, T, d = h.shape
         S = context.shape[1]
@@ -61,10 +85,23 @@ class Attention(nn.Module):
         k, v = kv.view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, S, hd] each
         q = apply_rotary(q, cos[S - T:], sin[S - T:])
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        if isinstance(mask, BlockCausal):
+            y = self._block_causal(q, k, v, mask.prefix, T - mask.suffix, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+    @staticmethod
+    def _block_causal(q: Tensor, k: Tensor, v: Tensor, prefix: int, n: int, p: float) -> Tensor:
+        """BlockCausal(prefix, T - n) on [B, H, T, hd]; rows [prefix, n) are the causal tokens."""
+        sdpa = F.scaled_dot_product_attention
+        parts = [sdpa(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True, dropout_p=p)]  # [B, H, n, hd]
+        if prefix:  # the prefix rows above were causal within the prefix: recompute them over all of it
+            parts = [sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], dropout_p=p), parts[0][:, :, prefix:]]
+        if n < q.shape[2]:
+            parts.append(sdpa(q[:, :, n:], k, v, dropout_p=p))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 class Block(nn.Module):
@@ -76,7 +113,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Tensor | None, mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Tensor | None, mask: Mask, cos: Tensor, sin: Tensor) -> Tensor:
         h = self.ln1(x)
         context = h if cache is None else torch.cat([self.ln1(cache), h], dim=1)
         x = x + self.drop(self.attn(h, context, mask, cos, sin))
@@ -113,19 +150,20 @@ class TransformerBackbone(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor | None = None,
+        mask: Mask = None,
         caches: Sequence[Tensor] | None = None,
         return_layer_inputs: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """x: [B, T, d]; mask: [T, C + T] bool or None (plain causal); caches: per layer [B, C, d].
+        """x: [B, T, d]; mask: [T, C + T] bool, a BlockCausal (no cache) or None (plain causal);
+        caches: per layer [B, C, d].
 
         Returns the final hidden states [B, T, d] (after the final LayerNorm) and, if asked, each
         block's input (what a Transformer-XL cache stores).
         """
         T = x.shape[1]
         C = 0 if caches is None else caches[0].shape[1]
-        if mask is None and C:
-            raise ValueError("a cache needs an explicit mask")
+        if C and not isinstance(mask, Tensor):
+            raise ValueError("a cache needs an explicit [T, C + T] mask")
         cos, sin = rotary_tables(C + T, self.head_dim, self.rope_base, x.device, x.dtype)
         x = self.drop(x)
         layer_inputs: list[Tensor] | None = [] if return_layer_inputs else None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_dist.config import MemoryConfig
+from rmt_dist.model.backbone import BlockCausal
 
 IGNORE_INDEX = -100
 
@@ -57,7 +58,8 @@ class SegmentOutput:
 
 
 def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None = None) -> Tensor | None:
-    """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal."""
+    """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal. (Without a
+    cache the model passes the same mask as ``BlockCausal(read, write)``.)"""
     read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
     write = m if kind in ("rmt", "rmt_xl") else 0
     if read + write + c == 0:
@@ -149,10 +151,12 @@ class MemoryModel(nn.Module):
             x = torch.cat([mem, x, mem], dim=1)  # [B, m + L + m, d]
         caches = state.xl if self.xl_len and state.xl is not None else None
         c = 0 if caches is None else caches[0].shape[1]
-        mask = segment_mask(kind, m, L, c, x.device)
+        read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
+        write = m if kind in ("rmt", "rmt_xl") else 0
+        # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
+        mask = BlockCausal(read, write) if read and not c else segment_mask(kind, m, L, c, x.device)
         h, layer_inputs = self.backbone(x, mask=mask, caches=caches, return_layer_inputs=bool(self.xl_len))
 
-        read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
         h_tokens = h[:, read:read + L]  # [B, L, d]
         new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None  # [B, m, d] = H_write
         new_xl = None
