@@ -2,8 +2,9 @@
 
 It knows nothing of memory: callers hand it embeddings ``x`` of shape [B, T, d], an optional boolean
 attention mask [T, C + T] (True = may attend) or a structured ``BlockCausal`` one, and optional
-per-layer caches of C earlier layer inputs (Transformer-XL). Positions are rotary, counted over ``[cache ; x]``, so memory tokens and
-cached states get positions like any other token and relative distances stay right.
+per-layer caches of C earlier layer inputs (Transformer-XL). Positions are rotary, counted over
+``[cache ; x]``, so memory tokens and cached states get positions like any other token and relative
+distances stay right.
 """
 
 from __future__ import annotations
