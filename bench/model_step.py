@@ -15,24 +15,16 @@ step. The issue's target: at segment 512 with 10 memory tokens, rmt costs at mos
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import json
+import statistics
+import tempfile
+import time
 
-# Run as a script, bench/ is sys.path[0] and bench/tokenize.py would shadow the standard library's
-# tokenize (torch imports it): look in the repository root instead.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = os.path.dirname(sys.path[0])
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from rmt_dist.config import Config, validate  # noqa: E402
-from rmt_dist.model import build_model, split_segments, train_segments  # noqa: E402
+from rmt_dist.config import Config, validate
+from rmt_dist.model import build_model, split_segments, train_segments
 
 
 def make_config(args: argparse.Namespace, kind: str) -> Config:

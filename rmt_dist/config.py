@@ -97,6 +97,7 @@ class ScalingConfig:
     use_gpu: bool = _f(False, "one GPU per worker")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker (torch threads are pinned to it)")
     max_failures: int = _f(0, "worker-group restarts from the last checkpoint")
+    placement_strategy: str = _f("PACK", "how workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD")
 
 
 @dataclass
@@ -217,8 +218,6 @@ def validate(cfg: Config) -> Config:
     for key in ("d_model", "n_layers", "n_heads", "d_ff"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
     _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-    _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model", m.d_model,
-           "such that d_model / n_heads is even (rotary embeddings)")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
     _check(m.rope_base > 0, "model.rope_base", m.rope_base, "> 0")
 
@@ -272,6 +271,8 @@ def validate(cfg: Config) -> Config:
 
     _check(s.num_workers >= 1, "scaling.num_workers", s.num_workers, ">= 1")
     _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, ">= 1")
+    _check(s.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy",
+           s.placement_strategy, "one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
     _check(s.max_failures >= -1, "scaling.max_failures", s.max_failures, ">= -1 (-1 = retry forever)")
     _check(cfg.storage.num_to_keep >= 1, "storage.num_to_keep", cfg.storage.num_to_keep, ">= 1")
     _check(bool(cfg.storage.path), "storage.path", cfg.storage.path, "a local directory or s3://bucket/prefix")

@@ -331,15 +331,9 @@ def test_rayjob_entrypoint_flags_parse_with_the_jobs_parser():
 
 
 def test_rayjob_entrypoint_fits_the_cluster():
-    from rmt_dist.config import ConfigError
     from rmt_dist.presets import PRESETS
 
-    try:
-        cfg = _parse_entrypoint(PRESETS["lm_wikitext"])
-    except ConfigError as err:
-        if "model.d_model" in str(err):  # known: the paper preset's d_model=410 / n_heads=10 is odd
-            pytest.xfail(f"rmt_dist's lm_wikitext paper preset is rejected by its own validation: {err}")
-        raise
+    cfg = _parse_entrypoint(PRESETS["lm_wikitext"])
     spec = load(RAYJOB)["spec"]["rayClusterSpec"]
     (group,) = spec["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]

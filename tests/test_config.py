@@ -81,14 +81,7 @@ def test_defaults_and_every_preset_round_trip_through_the_flat_form() -> None:
         assert from_flat({k: str(v) for k, v in flat.items()}) == cfg  # as logged text, too
 
 
-ODD_HEADS = pytest.mark.xfail(strict=True, reason=(
-    "config.validate rejects odd head dims (the paper's d_model 410 / 10 heads = 41), which the model's rotary "
-    "embeddings support: drop that rule, then this marker"))
-
-
-@pytest.mark.parametrize("job,preset", [
-    pytest.param(job, name, marks=[ODD_HEADS] if (job, name) == ("lm_wikitext", "paper") else [])
-    for job in PRESETS for name in PRESETS[job]])
+@pytest.mark.parametrize("job,preset", [(job, name) for job in PRESETS for name in PRESETS[job]])
 def test_every_preset_is_valid(job, preset) -> None:
     flat = dict(PRESETS[job][preset])
     if flat.get("data.dataset") == "enwik8":

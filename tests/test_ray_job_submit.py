@@ -35,11 +35,15 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
     try:
         address = f"http://127.0.0.1:{dashboard}"
         _wait_dashboard(address, head)
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--", sys.executable, str(REPO / "jobs" / "lm_wikitext.py"),
-             "--preset", "smoke", "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "submit_test",
-             "--storage.path", str(tmp_path / "runs"), "--data.cache_dir", data_cache],
-            env=env, capture_output=True, text=True, timeout=600)
+        submit = [RAY, "job", "submit", "--address", address, "--", sys.executable,
+                  str(REPO / "jobs" / "lm_wikitext.py"), "--preset", "smoke", "--mlflow.tracking_uri", mlflow_server,
+                  "--mlflow.experiment", "submit_test", "--storage.path", str(tmp_path / "runs"),
+                  "--data.cache_dir", data_cache]
+        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "done: val_loss=" in job.stdout and "mlflow run: " in job.stdout
     finally:

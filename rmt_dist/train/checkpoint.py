@@ -51,8 +51,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(engine: Any, state: TrainerState, directory: Path, rank: int) -> None:
-    """Collective: every rank must call it (DeepSpeed's save has barriers)."""
+def save(engine: Any, state: TrainerState, directory: Path, rank: int, node_id: str = "") -> None:
+    """Collective: every rank must call it (DeepSpeed's save has barriers). ``node_id`` (the Ray
+    node that wrote this rank's shard) goes into the manifest for debugging multi-node runs."""
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=DS_TAG)
     stream = None
@@ -64,7 +65,7 @@ def save(engine: Any, state: TrainerState, directory: Path, rank: int) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest_"))
     manifest = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     tmp = directory / f".manifest_rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "files": manifest}, indent=1))
+    tmp.write_text(json.dumps({"rank": rank, "node_id": node_id, "files": manifest}, indent=1))
     tmp.rename(directory / f"manifest_rank{rank}.json")
 
 

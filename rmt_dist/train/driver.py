@@ -84,19 +84,24 @@ def init_ray(cfg: Config) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dict[str, Any]) -> TorchTrainer:
+def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dict[str, Any],
+                  callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run; ``callbacks`` go to Train's RunConfig (a sweep passes Tune's
+    TuneReportCallback so that every report reaches the trial)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_flat(cfg), **loop_config},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage.ray_path, storage_filesystem=storage.filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep,
                                                checkpoint_score_attribute=M.STEP, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
+            callbacks=callbacks,
         ),
     )
 

@@ -138,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         with tempfile.TemporaryDirectory(prefix="rmt_ckpt_") as tmp:
-            checkpoint.save(engine, trainer_state, Path(tmp), rank)
+            checkpoint.save(engine, trainer_state, Path(tmp), rank, ray.get_runtime_context().get_node_id())
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if logger:
             logger.log({k: v for k, v in report.items() if k != M.STEP}, step)

@@ -1,7 +1,7 @@
 """Tokenizer throughput on WikiText-103-sized text: the whole corpus must tokenize in under 2 minutes.
 
-    python bench/tokenize.py                 # ~540 MB / ~103M tokens of generated text in a temp dir
-    python bench/tokenize.py --million-tokens 10 --keep /tmp/wt_like
+    python bench/tokenize_corpus.py                 # ~540 MB / ~103M tokens of generated text in a temp dir
+    python bench/tokenize_corpus.py --million-tokens 10 --keep /tmp/wt_like
 
 Generates WikiText-103-like text (a 267,735-word vocabulary drawn Zipf-like, one paragraph per line,
 blank lines between, ``wiki.{train,valid,test}.tokens``), then times exactly what a first run does:
