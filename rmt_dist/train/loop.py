@@ -142,6 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if logger:
             logger.log({k: v for k, v in report.items() if k != M.STEP}, step)
+            logger.flush()
         if progress is not None and rank == 0:
             progress.update.remote({"step": step, "max_steps": cfg.train.max_steps, **report})
         interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
