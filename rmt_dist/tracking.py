@@ -58,8 +58,13 @@ def _use_s3_endpoint(cfg: Config) -> None:
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
 
 
-def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = None) -> str:
-    """Create the run (or reopen the unfinished one of the same ``run_name``, for resumes); returns its id."""
+def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = None, *,
+             params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """Create the run (or reopen the unfinished one of the same ``run_name``, for resumes); returns its id.
+
+    ``params`` replaces the flat config as the run's params (a sweep's parent logs its search space);
+    ``tags`` are added to the new run's tags.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
@@ -73,13 +78,13 @@ def open_run(cfg: Config, job: str, run_name: str, parent_run_id: str | None = N
     if previous and previous[0].info.status != "FINISHED":
         client.update_run(previous[0].info.run_id, status="RUNNING")
         return previous[0].info.run_id
-    tags = {RUN_NAME_TAG: run_name, "job": job, "git_commit": _git_commit(), "hostname": socket.gethostname(),
-            "ray_job_id": _ray_job_id()}
+    run_tags = {RUN_NAME_TAG: run_name, "job": job, "git_commit": _git_commit(), "hostname": socket.gethostname(),
+                "ray_job_id": _ray_job_id(), **(tags or {})}
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    params = {k: redact(str(v)) for k, v in to_flat(cfg).items()}
-    items = list(params.items())
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
+    logged = {k: redact(str(v)) for k, v in (to_flat(cfg) if params is None else params).items()}
+    items = list(logged.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
     return run.info.run_id
@@ -111,8 +116,14 @@ class MetricLogger:
         self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        # Asynchronous: a per-step metric must not stall the training step on a database write.
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is stored (called at each checkpoint)."""
+        self._mlflow.flush_async_logging()
 
     def close(self) -> None:
         # Leave the run's status to the driver, which knows whether the whole job succeeded.
+        self._mlflow.flush_async_logging()
         self._mlflow.end_run(status="RUNNING")
