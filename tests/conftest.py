@@ -64,7 +64,7 @@ def ray_local() -> Iterator[None]:
     """In-process Ray with 2 CPUs, as a laptop user gets it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()

@@ -1,15 +1,16 @@
-"""Run by tests/test_multinode.py in its own process: a two-node Ray cluster on this machine
-(``ray.cluster_utils.Cluster``, 127.0.0.1, token auth), 2 workers forced onto different nodes,
-DeepSpeed ZeRO-2 over gloo, checkpoints, then a resume. Prints one JSON line with what it saw."""
+"""Run by tests/test_multinode.py in its own process against the two-node cluster that the test
+started (RAY_ADDRESS): 2 workers forced onto different nodes (STRICT_SPREAD), DeepSpeed ZeRO-2 over
+gloo, checkpoints, then a resume. Prints one JSON line with what it saw."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
 
 from rmt_dist.config import from_flat
 from rmt_dist.presets import PRESETS
@@ -17,12 +18,10 @@ from rmt_dist.train.driver import run_training
 
 
 def main(workdir: str, data_cache: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, log_to_driver=False)
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    deadline = time.time() + 120
+    while len(nodes := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+        time.sleep(1)  # the second node is still joining
     flat = {**PRESETS["lm_wikitext"]["smoke"], "data.cache_dir": data_cache, "storage.path": f"{workdir}/runs",
             "storage.run_name": "multinode", "mlflow.enabled": False, "deepspeed.zero_stage": 2,
             "scaling.num_workers": 2, "scaling.placement_strategy": "STRICT_SPREAD",
@@ -34,7 +33,6 @@ def main(workdir: str, data_cache: str) -> None:
                       "first_step": first.metrics["step"], "resumed_step": resumed.metrics["step"],
                       "first_val_loss": first.metrics["val_loss"], "resumed_val_loss": resumed.metrics["val_loss"]}))
     ray.shutdown()
-    cluster.shutdown()
 
 
 if __name__ == "__main__":

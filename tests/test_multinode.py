@@ -1,27 +1,63 @@
-"""Multi-node on one machine: two Ray nodes, one DeepSpeed ZeRO-2 worker on each, checkpoint, resume."""
+"""Multi-node on one machine: two `ray start` nodes on 127.0.0.1 (token auth), one DeepSpeed ZeRO-2
+worker on each, checkpoint, resume."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", *args],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop this node's process group only (never `ray stop`, which would end every Ray here)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
 
 def test_two_nodes_train_zero2_checkpoint_and_resume(data_cache):
-    # Short directory: Ray's per-node socket paths must fit in 107 bytes.
-    workdir = tempfile.mkdtemp(prefix="mn", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_TMPDIR": workdir}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_job.py"), workdir, data_cache],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workdir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    head = _start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", f"{workdir}/h"],
+                  env, Path(workdir) / "head.log")
+    nodes = [head]
+    try:
+        time.sleep(5)
+        nodes.append(_start(["--address", f"127.0.0.1:{port}"], env, Path(workdir) / "worker.log"))
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_job.py"), workdir, data_cache],
+                              env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(workdir, ignore_errors=True)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(set(seen["nodes"])) == 2
     assert sorted(seen["writer_nodes"]) == sorted(seen["nodes"]), "both ranks on one node"
