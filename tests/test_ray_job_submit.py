@@ -39,7 +39,7 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
                   str(REPO / "jobs" / "lm_wikitext.py"), "--preset", "smoke", "--mlflow.tracking_uri", mlflow_server,
                   "--mlflow.experiment", "submit_test", "--storage.path", str(tmp_path / "runs"),
                   "--data.cache_dir", data_cache]
-        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+        for _ in range(90):  # the head's job agent comes up after the dashboard (slowly on a loaded machine)
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent to submit job" not in job.stderr + job.stdout:
                 break
