@@ -42,13 +42,18 @@ class ModelConfig:
 
 @dataclass
 class MemoryConfig:
-    kind: str = _f("rmt", "none | memtr | xl | rmt | rmt_xl")
+    kind: str = _f("rmt", "none | memtr | xl | rmt | rmt_xl | infinite (∞-former long-term memory)")
     num_tokens: int = _f(10, "memory tokens (memtr, rmt, rmt_xl)")
-    xl_len: int = _f(0, "Transformer-XL cache length per layer (xl, rmt_xl)")
+    xl_len: int = _f(0, "Transformer-XL cache length per layer (xl, rmt_xl; infinite: the short-term memory)")
     bptt_unroll: int = _f(2, "previous segments gradients reach: 0 = detach every segment, -1 = full BPTT")
     bptt_mode: str = _f("sliding", "sliding (each segment's loss reaches exactly k previous) | window (detach every k+1)")
     replay_backprop: bool = _f(False, "full BPTT at constant activation memory by recomputing segments backwards")
     aux_loss_weight: float = _f(0.0, "weight of the auxiliary memory-token loss (rmt_xl; the paper used 0.01)")
+    ltm_basis: int = _f(64, "infinite: Gaussian basis functions N of each layer's long-term memory (its size: N x d)")
+    ltm_tau: float = _f(0.5, "infinite: share [0, tau] of the signal the old memory is contracted into at each update")
+    ltm_ridge: float = _f(0.5, "infinite: ridge penalty lambda of the coefficient fit")
+    ltm_samples: int = _f(64, "infinite: points M the old signal is sampled at before each refit")
+    sticky: bool = _f(False, "infinite: sample the old signal where it got attention (sticky memories), not evenly")
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Config:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
-MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl")
+MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
 DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task")
 TASKS = ("copy", "reverse", "assoc", "quadratic", "sort")
 
@@ -235,6 +240,12 @@ def validate(cfg: Config) -> Config:
     _check(mem.aux_loss_weight >= 0, "memory.aux_loss_weight", mem.aux_loss_weight, ">= 0")
     _check(mem.aux_loss_weight == 0 or mem.kind in ("rmt", "rmt_xl"), "memory.aux_loss_weight",
            mem.aux_loss_weight, "0 unless memory.kind is rmt or rmt_xl")
+    _check(mem.ltm_basis >= 2, "memory.ltm_basis", mem.ltm_basis, ">= 2")
+    _check(0.0 < mem.ltm_tau < 1.0, "memory.ltm_tau", mem.ltm_tau, "in (0, 1)")
+    _check(mem.ltm_ridge > 0, "memory.ltm_ridge", mem.ltm_ridge, "> 0")
+    _check(mem.ltm_samples >= 1, "memory.ltm_samples", mem.ltm_samples, ">= 1")
+    _check(not mem.sticky or mem.kind == "infinite", "memory.sticky", mem.sticky,
+           "false unless memory.kind=infinite")
 
     _check(d.segment_len >= 1, "data.segment_len", d.segment_len, ">= 1")
     _check(d.num_segments >= 1, "data.num_segments", d.num_segments, ">= 1")

@@ -14,7 +14,7 @@ from rmt_dist.presets import PRESETS
 # (overrides, the exact message): one per rule kind.
 INVALID = [
     ({"memory.num_tokens": -3}, "memory.num_tokens must be >= 0, got -3"),
-    ({"memory.kind": "lstm"}, "memory.kind must be one of none, memtr, xl, rmt, rmt_xl, got 'lstm'"),
+    ({"memory.kind": "lstm"}, "memory.kind must be one of none, memtr, xl, rmt, rmt_xl, infinite, got 'lstm'"),
     ({"memory.kind": "rmt", "memory.num_tokens": 0},
      "memory.num_tokens must be >= 1 for memory.kind=rmt (use memory.kind=none or xl for no memory tokens), got 0"),
     ({"memory.kind": "xl", "memory.xl_len": 0}, "memory.xl_len must be >= 1 for memory.kind=xl, got 0"),
@@ -24,6 +24,12 @@ INVALID = [
      "memory.replay_backprop must be false unless memory.bptt_unroll=-1 (replay is full BPTT), got True"),
     ({"memory.kind": "xl", "memory.xl_len": 4, "memory.aux_loss_weight": 0.01},
      "memory.aux_loss_weight must be 0 unless memory.kind is rmt or rmt_xl, got 0.01"),
+    ({"memory.kind": "infinite", "memory.ltm_basis": 1}, "memory.ltm_basis must be >= 2, got 1"),
+    ({"memory.kind": "infinite", "memory.ltm_tau": 1.0}, "memory.ltm_tau must be in (0, 1), got 1.0"),
+    ({"memory.kind": "infinite", "memory.ltm_ridge": 0}, "memory.ltm_ridge must be > 0, got 0.0"),
+    ({"memory.kind": "infinite", "memory.ltm_samples": 0}, "memory.ltm_samples must be >= 1, got 0"),
+    ({"memory.kind": "xl", "memory.xl_len": 4, "memory.sticky": True},
+     "memory.sticky must be false unless memory.kind=infinite, got True"),
     ({"model.n_heads": 3}, "model.n_heads must be a divisor of model.d_model=64, got 3"),
     ({"model.n_layers": 0}, "model.n_layers must be >= 1, got 0"),
     ({"model.dropout": 1.0}, "model.dropout must be in [0, 1), got 1.0"),

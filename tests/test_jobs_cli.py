@@ -24,7 +24,7 @@ def run_job(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Comp
     (["--deepspeed.zero_stage", "5"], "deepspeed.zero_stage must be one of 0, 1, 2, 3, got 5"),
     (["--train.lr=abc"], "train.lr must be a number, got 'abc'"),
     (["--preset", "huge"], "--preset must be one of smoke, paper, got 'huge'"),
-    (["--memory.kind", "lstm"], "memory.kind must be one of none, memtr, xl, rmt, rmt_xl, got 'lstm'"),
+    (["--memory.kind", "lstm"], "memory.kind must be one of none, memtr, xl, rmt, rmt_xl, infinite, got 'lstm'"),
 ])
 def test_bad_flag_is_one_line_and_exit_2(args, message, tmp_path):
     proc = run_job(args, tmp_path)

@@ -12,8 +12,8 @@ from rmt_dist.config import Config
 from rmt_dist.model import IGNORE_INDEX, MemoryModel, MemoryState, build_model, forward_segments
 from rmt_dist.model.memory import segment_mask
 
-KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl")
-RECURRENT = ("xl", "rmt", "rmt_xl")
+KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
+RECURRENT = ("xl", "rmt", "rmt_xl", "infinite")
 VOCAB, B, L, S = 23, 2, 5, 3  # vocab, batch, segment length, segments
 TIGHT = dict(rtol=0.0, atol=1e-12)
 
@@ -245,7 +245,7 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values()), out
 
 
-@pytest.mark.parametrize("kind", ("rmt", "rmt_xl"))
+@pytest.mark.parametrize("kind", ("rmt", "rmt_xl", "infinite"))
 def test_activation_checkpointing_same_gradients_less_saved_memory(kind: str) -> None:
     ids = torch.randint(0, VOCAB, (B, S * L))
     results = []

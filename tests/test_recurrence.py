@@ -16,7 +16,7 @@ from rmt_dist.config import Config
 from rmt_dist.model import (IGNORE_INDEX, MemoryModel, MemoryState, StreamState, build_model, forward_segments,
                             split_segments, stream_train_step, train_segments)
 
-KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl")
+KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
 VOCAB, B, L, D = 23, 2, 4, 32
 
 
@@ -250,7 +250,7 @@ def test_xl_cache_is_stop_gradient() -> None:
 # ---- replay backprop -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,dropout", [("rmt", 0.0), ("rmt", 0.2), ("rmt_xl", 0.0), ("rmt_xl", 0.2), ("xl", 0.2),
-                                          ("memtr", 0.2)])
+                                          ("memtr", 0.2), ("infinite", 0.0), ("infinite", 0.2)])
 def test_replay_backprop_gives_full_bptt_gradients(kind: str, dropout: float) -> None:
     model = tiny(kind, dropout=dropout)
     segments = make_segments(4)
@@ -347,7 +347,7 @@ def test_stream_without_history_carries_detached_memory(mode: str, k: int) -> No
 
 # ---- cost: what the recurrence runs --------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ("none", "memtr", "xl"))
+@pytest.mark.parametrize("kind", ("none", "memtr", "xl", "infinite"))
 def test_kinds_without_gradient_memory_get_full_bptt_gradients_in_every_mode(kind: str) -> None:
     """No gradient crosses segments (xl's cache is stop-gradient), so every mode is the same training
     signal, and sliding BPTT runs each segment once instead of re-running k earlier ones."""

@@ -2,7 +2,8 @@
 
 It knows nothing of memory: callers hand it embeddings ``x`` of shape [B, T, d], an optional boolean
 attention mask [T, C + T] (True = may attend) or a structured ``BlockCausal`` one, and optional
-per-layer caches of C earlier layer inputs (Transformer-XL). Positions are rotary, counted over
+per-layer caches of C earlier layer inputs (Transformer-XL) and optional per-layer side reads
+(callables ``h -> [B, T, d]`` added to the attention output: ∞-former's long-term memory). Positions are rotary, counted over
 ``[cache ; x]``, so memory tokens and cached states get positions like any other token and relative
 distances stay right.
 """
@@ -10,7 +11,7 @@ distances stay right.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ class BlockCausal:
 
 
 Mask = Union[Tensor, BlockCausal, None]
+SideRead = Callable[[Tensor], Tensor]  # [B, T, d] normalised block input -> [B, T, d], added to attention
 
 
 class Attention(nn.Module):
@@ -114,10 +116,14 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Tensor | None, mask: Mask, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Tensor | None, mask: Mask, cos: Tensor, sin: Tensor,
+                side: SideRead | None = None) -> Tensor:
         h = self.ln1(x)
         context = h if cache is None else torch.cat([self.ln1(cache), h], dim=1)
-        x = x + self.drop(self.attn(h, context, mask, cos, sin))
+        a = self.attn(h, context, mask, cos, sin)
+        if side is not None:
+            a = a + side(h)
+        x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -128,6 +134,7 @@ class TransformerBackbone(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
         self.n_layers = cfg.n_layers
+        self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_base = cfg.rope_base
         self.activation_checkpointing = False
@@ -154,9 +161,11 @@ class TransformerBackbone(nn.Module):
         mask: Mask = None,
         caches: Sequence[Tensor] | None = None,
         return_layer_inputs: bool = False,
+        side: Sequence[SideRead | None] | None = None,
     ) -> tuple[Tensor, list[Tensor] | None]:
         """x: [B, T, d]; mask: [T, C + T] bool, a BlockCausal (no cache) or None (plain causal);
-        caches: per layer [B, C, d].
+        caches: per layer [B, C, d]; side: per layer an optional read added to the attention output
+        (it runs inside the block, so activation checkpointing recomputes it too).
 
         Returns the final hidden states [B, T, d] (after the final LayerNorm) and, if asked, each
         block's input (what a Transformer-XL cache stores).
@@ -172,10 +181,11 @@ class TransformerBackbone(nn.Module):
             if layer_inputs is not None:
                 layer_inputs.append(x)
             cache = caches[i] if caches is not None and C else None
+            read = side[i] if side is not None else None
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, mask, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cache, mask, cos, sin, read, use_reentrant=False)
             else:
-                x = block(x, cache, mask, cos, sin)
+                x = block(x, cache, mask, cos, sin, read)
         return self.ln_f(x), layer_inputs
 
     def logits(self, h: Tensor) -> Tensor:

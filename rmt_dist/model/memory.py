@@ -8,6 +8,9 @@ The step knows one segment; the recurrence over segments (BPTT modes, replay) li
     xl      [tokens]        + per-layer cache of the previous xl_len token states (stop-gradient)
     rmt     [read ; tokens ; write]         read = write = previous segment's H_write
     rmt_xl  [read ; tokens ; write]         + the XL cache
+    infinite [tokens]       + per-layer continuous long-term memory (``ltm.py``; stop-gradient), read by
+                              continuous attention added to each block's attention; with xl_len > 0
+                              the XL cache is its short-term memory and the LTM takes what leaves it
 
 Mask rows (True = may attend): memory blocks see their whole own block; the read block and memtr
 memory never see the segment's tokens (that would leak future tokens to earlier positions); tokens
@@ -17,12 +20,14 @@ see cache, read memory and earlier tokens; the write block sees everything.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_dist.config import MemoryConfig
+from rmt_dist.model import ltm as ltm_lib
 from rmt_dist.model.backbone import BlockCausal
 
 IGNORE_INDEX = -100
@@ -33,16 +38,22 @@ class MemoryState:
     """What one segment hands the next. ``None`` fields mean "start of a sequence"."""
 
     memory: Tensor | None = None  # [B, m, d] H_write of the previous segment (rmt, rmt_xl)
-    xl: tuple[Tensor, ...] | None = None  # per layer [B, c, d] cached block inputs (xl, rmt_xl)
+    xl: tuple[Tensor, ...] | None = None  # per layer [B, c, d] cached block inputs (xl, rmt_xl, infinite)
+    ltm: tuple[Tensor, ...] | None = None  # per layer [B, N, d] LTM coefficients, fp32 or wider (infinite)
 
-    def detach(self) -> "MemoryState":
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "MemoryState":
+        """The same state with ``fn`` applied to every tensor (detach, ``.to(device)``)."""
         return MemoryState(
-            memory=None if self.memory is None else self.memory.detach(),
-            xl=None if self.xl is None else tuple(c.detach() for c in self.xl),
+            memory=None if self.memory is None else fn(self.memory),
+            xl=None if self.xl is None else tuple(fn(c) for c in self.xl),
+            ltm=None if self.ltm is None else tuple(fn(c) for c in self.ltm),
         )
 
+    def detach(self) -> "MemoryState":
+        return self.map(Tensor.detach)
+
     def tensors(self) -> list[Tensor]:
-        return ([] if self.memory is None else [self.memory]) + list(self.xl or ())
+        return ([] if self.memory is None else [self.memory]) + list(self.xl or ()) + list(self.ltm or ())
 
     def nbytes(self) -> int:
         """Bytes of recurrent state for the whole batch."""
@@ -96,8 +107,8 @@ class InitialMemory(nn.Module):
 class MemoryModel(nn.Module):
     """A backbone plus one memory kind; ``step`` is the per-segment computation.
 
-    ``backbone`` provides ``embed_tokens(ids)``, ``forward(x, mask, caches, return_layer_inputs)``,
-    ``logits(h)``, ``d_model`` and ``n_layers`` (see ``backbone.TransformerBackbone``).
+    ``backbone`` provides ``embed_tokens(ids)``, ``forward(x, mask, caches, return_layer_inputs, side)``,
+    ``logits(h)``, ``d_model``, ``n_layers`` and ``n_heads`` (see ``backbone.TransformerBackbone``).
     """
 
     def __init__(self, backbone: nn.Module, memory: MemoryConfig, vocab_size: int) -> None:
@@ -106,27 +117,63 @@ class MemoryModel(nn.Module):
         self.kind = memory.kind
         self.vocab_size = vocab_size
         self.num_tokens = memory.num_tokens if memory.kind in ("memtr", "rmt", "rmt_xl") else 0
-        self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl") else 0
+        self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl", "infinite") else 0
         self.aux_loss_weight = memory.aux_loss_weight
         self.memory_init = InitialMemory(self.num_tokens, backbone.d_model) if self.num_tokens else None
+        self.ltm_basis = memory.ltm_basis if memory.kind == "infinite" else 0
+        self.ltm_tau, self.ltm_ridge, self.ltm_samples, self.sticky = (
+            memory.ltm_tau, memory.ltm_ridge, memory.ltm_samples, memory.sticky)
+        # One continuous attention per layer (own projections: ZeRO-3 gathers them when each is called).
+        self.ltm_attention = nn.ModuleList(
+            ltm_lib.ContinuousAttention(backbone.d_model, backbone.n_heads, self.ltm_basis)
+            for _ in range(backbone.n_layers)) if self.ltm_basis else None
+        if self.ltm_attention is not None:
+            self.ltm_attention.apply(backbone._init_weights)
 
     @property
     def recurrent(self) -> bool:
         """Whether a segment's output depends on earlier segments."""
-        return self.kind in ("xl", "rmt", "rmt_xl")
+        return self.kind in ("xl", "rmt", "rmt_xl", "infinite")
 
     def init_state(self) -> MemoryState:
         return MemoryState()
 
     def state_bytes_per_sequence(self, dtype: torch.dtype = torch.float32) -> int:
-        """Size of the recurrent state of one sequence: m vectors (rmt), xl_len x layers (xl), both."""
+        """Size of the recurrent state of one sequence: m vectors (rmt), xl_len x layers (xl), both; plus
+        N x layers LTM coefficients (infinite, kept in fp32 or wider), however long the past."""
         vectors = (self.num_tokens if self.kind in ("rmt", "rmt_xl") else 0) + self.xl_len * self.backbone.n_layers
-        return vectors * self.backbone.d_model * torch.tensor([], dtype=dtype).element_size()
+        size = torch.tensor([], dtype=dtype).element_size()
+        ltm_size = torch.tensor([], dtype=torch.promote_types(dtype, torch.float32)).element_size()
+        return (vectors * size + self.ltm_basis * self.backbone.n_layers * ltm_size) * self.backbone.d_model
 
     @property
     def carries_gradient(self) -> bool:
-        """Whether gradients flow from one segment into earlier ones (the XL cache is stop-gradient)."""
+        """Whether gradients flow from one segment into earlier ones (the XL cache and the LTM are
+        stop-gradient)."""
         return self.kind in ("rmt", "rmt_xl")
+
+    @torch.no_grad()
+    def _ltm_update(self, state: MemoryState, layer_inputs: list[Tensor], caches: tuple[Tensor, ...] | None,
+                    reads: list[ltm_lib.LTMRead] | None) -> tuple[Tensor, ...] | None:
+        """Each layer's next LTM coefficients (stop-gradient): the states that leave the XL cache this
+        segment (all the segment's states without a cache) go into the signal; none leaving keeps it."""
+        ltm = []
+        for i, li in enumerate(layer_inputs):
+            coeffs = None if state.ltm is None else state.ltm[i]
+            full = li if caches is None else torch.cat([caches[i], li], dim=1)
+            leaving = full[:, :full.shape[1] - self.xl_len] if self.xl_len else full  # [B, n, d]
+            if leaving.shape[1] == 0:
+                ltm.append(coeffs)
+                continue
+            dtype = torch.promote_types(li.dtype, torch.float32)
+            centres, widths = ltm_lib.basis(self.ltm_basis, li.device, dtype)
+            histogram = None
+            if self.sticky and reads is not None:
+                histogram = ltm_lib.attention_histogram(reads[i].mean.to(dtype), reads[i].var.to(dtype),
+                                                        self.ltm_basis)
+            ltm.append(ltm_lib.update(coeffs, leaving.to(dtype), centres, widths, tau=self.ltm_tau,
+                                      ridge=self.ltm_ridge, samples=self.ltm_samples, histogram=histogram))
+        return None if all(c is None for c in ltm) else tuple(ltm)
 
     def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
              with_logits: bool = True) -> SegmentOutput:
@@ -155,7 +202,11 @@ class MemoryModel(nn.Module):
         write = m if kind in ("rmt", "rmt_xl") else 0
         # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
         mask = BlockCausal(read, write) if read and not c else segment_mask(kind, m, L, c, x.device)
-        h, layer_inputs = self.backbone(x, mask=mask, caches=caches, return_layer_inputs=bool(self.xl_len))
+        reads = None
+        if self.ltm_attention is not None and state.ltm is not None:
+            reads = [ltm_lib.LTMRead(att, coeffs) for att, coeffs in zip(self.ltm_attention, state.ltm)]
+        h, layer_inputs = self.backbone(x, mask=mask, caches=caches, side=reads,
+                                        return_layer_inputs=bool(self.xl_len or self.ltm_attention is not None))
 
         h_tokens = h[:, read:read + L]  # [B, L, d]
         new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None  # [B, m, d] = H_write
@@ -167,7 +218,8 @@ class MemoryModel(nn.Module):
                 ].detach()
                 for li, cache in zip(layer_inputs, caches or [None] * len(layer_inputs))
             )
-        state_out = MemoryState(memory=new_memory, xl=new_xl)
+        new_ltm = None if self.ltm_attention is None else self._ltm_update(state, layer_inputs, caches, reads)
+        state_out = MemoryState(memory=new_memory, xl=new_xl, ltm=new_ltm)
         n_tokens = (torch.zeros((), dtype=torch.long, device=x.device) if labels is None
                     else (labels != IGNORE_INDEX).sum())
         if not with_logits:

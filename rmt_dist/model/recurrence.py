@@ -27,6 +27,7 @@ BPTT (``bptt_unroll`` = k):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -155,7 +156,7 @@ def _replay_backward(model: MemoryModel, segments: Sequence[Segment], state: Mem
         start = states[t]
         memory_in = None if start.memory is None else start.memory.detach().requires_grad_(True)
         with _replaying_rng(rng[t]):
-            out = model(*segments[t], MemoryState(memory=memory_in, xl=start.xl))
+            out = model(*segments[t], dataclasses.replace(start, memory=memory_in))
         objective = out.loss_sum / normalizer
         if grad_memory is not None and out.state.memory is not None:
             objective = objective + (out.state.memory * grad_memory).sum()

@@ -36,11 +36,14 @@ class TrainerState:
 
 
 def _state_to_dict(state: MemoryState) -> dict:
-    return {"memory": state.memory, "xl": None if state.xl is None else list(state.xl)}
+    return {"memory": state.memory, "xl": None if state.xl is None else list(state.xl),
+            "ltm": None if state.ltm is None else list(state.ltm)}
 
 
 def _state_from_dict(d: dict) -> MemoryState:
-    return MemoryState(memory=d["memory"], xl=None if d["xl"] is None else tuple(d["xl"]))
+    ltm = d.get("ltm")  # absent in checkpoints written before kind=infinite
+    return MemoryState(memory=d["memory"], xl=None if d["xl"] is None else tuple(d["xl"]),
+                       ltm=None if ltm is None else tuple(ltm))
 
 
 def _sha256(path: Path) -> str:

@@ -23,10 +23,7 @@ def _to(segments: list[Segment], device: torch.device) -> list[Segment]:
 
 
 def stream_to(stream: StreamState, device: torch.device) -> StreamState:
-    state = stream.state
-    moved = type(state)(memory=None if state.memory is None else state.memory.to(device),
-                        xl=None if state.xl is None else tuple(c.to(device) for c in state.xl))
-    return StreamState(state=moved, history=_to(stream.history, device))
+    return StreamState(state=stream.state.map(lambda t: t.to(device)), history=_to(stream.history, device))
 
 
 class LMWorkload:
