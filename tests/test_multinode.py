@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -25,19 +24,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", *args],
                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop this node's process group only (never `ray stop`, which would end every Ray here)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def test_two_nodes_train_zero2_checkpoint_and_resume(data_cache):
@@ -56,7 +42,7 @@ def test_two_nodes_train_zero2_checkpoint_and_resume(data_cache):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_process_group(node)
         shutil.rmtree(workdir, ignore_errors=True)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(set(seen["nodes"])) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +46,7 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "done: val_loss=" in job.stdout and "mlflow run: " in job.stdout
     finally:
-        _stop(head)
+        stop_process_group(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
@@ -58,19 +57,6 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
     assert run.data.metrics["memory_state_bytes"] == 4 * 64 * 4  # 4 memory tokens x d_model 64 x fp32
     assert run.data.params["memory.kind"] == "rmt"
     assert run.data.tags["ray_job_id"]
-
-
-def _stop(head: subprocess.Popen) -> None:
-    """Stop this cluster only (its process group), never `ray stop`, which would end every Ray here."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)
-            head.wait(timeout=30)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _wait_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
