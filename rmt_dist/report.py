@@ -256,6 +256,8 @@ def plot_tradeoff(records: Sequence[TrialRecord], mode: str, path: Path | str, t
                 ax.scatter([x / scale], [r.paper_value], s=36, facecolors="none", edgecolors="black", zorder=3,
                            label="published" if "published" not in ax.get_legend_handles_labels()[1] else None)
                 ax.plot([x / scale] * 2, [r.best, r.paper_value], color="black", lw=0.6, ls=":")
+                ax.annotate(f"{r.diff:+.3g}", (x / scale, r.paper_value), textcoords="offset points", xytext=(4, -9),
+                            fontsize=6, color="dimgray")
         front = frontier(usable, attr, mode)
         if front:
             xs = [getattr(r, attr) / scale for r in front]

@@ -961,8 +961,9 @@ def _parent_params(spec: SweepSpec) -> dict[str, Any]:
     searched = set(spec.searched_keys)
     params = {k: v for k, v in spec.base.items() if k not in searched}
     for key in spec.grid_keys:
-        values = sorted({json.dumps(p["overrides"].get(key, spec.base[key])) for p in spec.points})
-        params[f"{R.SEARCH_PARAM_PREFIX}{key}"] = ",".join(json.loads(v).__str__() for v in values)[:6000]
+        values = sorted((json.loads(v) for v in {json.dumps(p["overrides"].get(key, spec.base[key]))
+                                                 for p in spec.points}), key=lambda v: (type(v).__name__, v))
+        params[f"{R.SEARCH_PARAM_PREFIX}{key}"] = ",".join(str(v) for v in values)[:6000]
     for d in spec.random:
         params[f"{R.SEARCH_PARAM_PREFIX}{d.key}"] = d.describe()
     params.update({"sweep.grid": spec.grid or "", "sweep.num_trials": spec.num_trials,
