@@ -275,6 +275,7 @@ def test_asha_stops_a_trial_a_failed_trial_is_recorded_and_the_next_trials_get_t
         "--storage.path", str(tmp_path / "runs"), "--data.cache_dir", data_cache,
         "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "test_sweep_asha"])
     T.prepare(spec)
+    free_before = ray.available_resources().get("CPU")
     outcome = T.run_sweep(spec)
 
     assert not outcome.interrupted
@@ -286,9 +287,9 @@ def test_asha_stops_a_trial_a_failed_trial_is_recorded_and_the_next_trials_get_t
     assert status[0.005].curve, "the trial after the stopped one never got its worker"
     assert status[0.005].status in ("done", "stopped")
     deadline = time.time() + 30  # nothing left reserved (placement groups go away asynchronously)
-    while ray.available_resources().get("CPU") != 2.0 and time.time() < deadline:
+    while ray.available_resources().get("CPU") != free_before and time.time() < deadline:
         time.sleep(0.5)
-    assert ray.available_resources().get("CPU") == 2.0
+    assert ray.available_resources().get("CPU") == free_before == 2.0
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     children = {float(c.data.params["train.lr"]): c for c in client.search_runs(
