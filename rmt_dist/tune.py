@@ -27,6 +27,7 @@ What a sweep does (``jobs/sweep.py``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ray.tune import Callback as TuneCallback
 
@@ -1030,6 +1031,23 @@ def records_from_results(grid: Any, spec: SweepSpec, ended: Mapping[str, str]) -
     return records
 
 
+# Ray Tune copies these from the driver's environment into every trial's runtime_env, and Ray's
+# runtime-env agent logs runtime envs in full: the secret would land in Ray's log files.
+_TUNE_PROPAGATED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_hidden_from_tune() -> Iterator[None]:
+    """Keep AWS credentials out of Tune's trial runtime_env (and so out of Ray's logs). A local Ray
+    was started from this process and its workers inherited them already; cluster nodes use their
+    own (instance profile, Kubernetes secrets)."""
+    saved = {k: os.environ.pop(k) for k in _TUNE_PROPAGATED_CREDENTIALS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def run_sweep(spec: SweepSpec) -> SweepOutcome:
     """Run (or resume) the sweep; write its table and plots; close its MLflow parent run."""
     import ray
@@ -1088,7 +1106,8 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        grid = tuner.fit()
+        with _credentials_hidden_from_tune():
+            grid = tuner.fit()
     finally:
         ray.kill(registry)
     ended = read_ended(storage)
