@@ -64,8 +64,6 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
 
 MEMORY_KEYS = ("memory.kind", "memory.num_tokens", "memory.xl_len", "memory.bptt_unroll")
 SWEEP_LEVEL_SECTIONS = ("storage", "mlflow")  # one value per sweep: not searchable
-# Environment names a trial inherits from the sweep's driver (values are not secrets).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "RMT_DIST_FAULT_AT_STEP")
 TRIAL_CPU = 1  # what a trial's driver (the Tune function) reserves besides its Train workers
 
 
@@ -491,6 +489,8 @@ def parse_sweep_args(argv: Sequence[str]) -> SweepSpec:
     if grid and grid.metric != metric:
         raise ConfigError(f"--grid {grid.name} compares {grid.metric}, but data.dataset={cfg.data.dataset} reports "
                           f"{metric}")
+    from rmt_dist.train.driver import FORWARDED_ENV
+
     return SweepSpec(
         name=name or cfg.storage.run_name or f"sweep-{job}-{time.strftime('%Y%m%d-%H%M%S')}", job=job, preset=preset,
         base=to_flat(cfg), points=points, random=random_dims,

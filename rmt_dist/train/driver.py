@@ -106,11 +106,15 @@ def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dic
     )
 
 
+# Environment variables that workers (and sweep trials) get from the driver: names of non-secrets only.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "RMT_DIST_FAULT_AT_STEP")
+
+
 def _worker_env(cfg: Config) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(cfg.scaling.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for name in ("AWS_ENDPOINT_URL", "RMT_DIST_FAULT_AT_STEP"):  # names only; values stay in the environment
+    for name in FORWARDED_ENV:
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
