@@ -54,6 +54,21 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start` options whose defaults are fixed ports (52365, 10001, 8265, ...): another Ray on this machine
+# (the session's local Ray, a node still shutting down) may hold them, and a dashboard agent that cannot
+# bind leaves the head answering "No available agent to submit job" forever. Every node gets free ones.
+_FIXED_PORT_OPTIONS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                       "--metrics-export-port", "--ray-client-server-port", "--dashboard-port")
+
+
+def start_ray_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block` on 127.0.0.1 in its own process group (stop it with stop_process_group)."""
+    ports = [arg for option in _FIXED_PORT_OPTIONS if option not in args for arg in (option, str(free_port()))]
+    return subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", *ports, *args],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop_process_group(proc: subprocess.Popen) -> None:
     """Stop a `ray start --block` node by its process group only — never `ray stop`, which would end
     every Ray on the machine."""

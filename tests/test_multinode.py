@@ -14,28 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, stop_process_group
+from conftest import REPO, free_port, start_ray_node, stop_process_group
 
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", *args],
-                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
 
 def test_two_nodes_train_zero2_checkpoint_and_resume(data_cache):
     workdir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
-    head = _start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", f"{workdir}/h"],
-                  env, Path(workdir) / "head.log")
+    head = start_ray_node(["--num-cpus", "1", "--head", "--port", str(port), "--include-dashboard", "false",
+                           "--temp-dir", f"{workdir}/h"], env, Path(workdir) / "head.log")
     nodes = [head]
     try:
         time.sleep(5)
-        nodes.append(_start(["--address", f"127.0.0.1:{port}"], env, Path(workdir) / "worker.log"))
+        nodes.append(start_ray_node(["--num-cpus", "1", "--address", f"127.0.0.1:{port}"], env,
+                                    Path(workdir) / "worker.log"))
         proc = subprocess.run([sys.executable, str(REPO / "tests" / "multinode_job.py"), workdir, data_cache],
                               env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
                               timeout=600)

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, stop_process_group
+from conftest import RAY, REPO, free_port, start_ray_node, stop_process_group
 
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_cache):
@@ -26,11 +24,9 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
     dashboard = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-         "--temp-dir", ray_tmp],
-        env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_ray_node(["--head", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+                           "--dashboard-port", str(dashboard), "--num-cpus", "2", "--temp-dir", ray_tmp],
+                          env, tmp_path / "head.log")
     try:
         address = f"http://127.0.0.1:{dashboard}"
         _wait_dashboard(address, head)
@@ -38,10 +34,12 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
                   str(REPO / "jobs" / "lm_wikitext.py"), "--preset", "smoke", "--mlflow.tracking_uri", mlflow_server,
                   "--mlflow.experiment", "submit_test", "--storage.path", str(tmp_path / "runs"),
                   "--data.cache_dir", data_cache]
-        for _ in range(90):  # the head's job agent comes up after the dashboard (slowly on a loaded machine)
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        agent_deadline = time.time() + 180  # the head's job agent comes up after the dashboard (slowly when loaded)
+        while True:
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480)
             if "No available agent to submit job" not in job.stderr + job.stdout:
                 break
+            assert time.time() < agent_deadline, "no job agent: " + _agent_log_tail(ray_tmp)
             time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "done: val_loss=" in job.stdout and "mlflow run: " in job.stdout
@@ -57,6 +55,11 @@ def test_ray_job_submit_smoke_job_lands_in_mlflow(tmp_path, mlflow_server, data_
     assert run.data.metrics["memory_state_bytes"] == 4 * 64 * 4  # 4 memory tokens x d_model 64 x fp32
     assert run.data.params["memory.kind"] == "rmt"
     assert run.data.tags["ray_job_id"]
+
+
+def _agent_log_tail(ray_tmp: str) -> str:
+    logs = sorted(Path(ray_tmp).glob("session_*/logs/dashboard_agent.log"))
+    return logs[-1].read_text()[-2000:] if logs else "(no dashboard_agent.log)"
 
 
 def _wait_dashboard(address: str, head: subprocess.Popen, timeout: float = 120) -> None:
