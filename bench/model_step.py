@@ -16,97 +16,11 @@ step. The issue's target: at segment 512 with 10 memory tokens, rmt costs at mos
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
-import time
 
 import torch
 
-from rmt_dist.config import Config, validate
-from rmt_dist.model import build_model, split_segments, train_segments
-
-
-def make_config(args: argparse.Namespace, kind: str) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.d_model, m.n_layers, m.n_heads, m.d_ff, m.dropout = args.d_model, args.layers, args.heads, 4 * args.d_model, 0.0
-    mem = cfg.memory
-    mem.kind = kind
-    mem.num_tokens = args.num_tokens if kind in ("memtr", "rmt", "rmt_xl") else 0
-    mem.xl_len = args.xl_len if kind in ("xl", "rmt_xl") else 0
-    mem.bptt_unroll, mem.bptt_mode, mem.replay_backprop = args.bptt_unroll, args.bptt_mode, args.replay
-    cfg.data.segment_len, cfg.data.num_segments = args.segment_len, args.segments
-    cfg.train.activation_checkpointing = args.activation_checkpointing
-    return validate(cfg)
-
-
-class Runner:
-    """One model, its optimizer and a fixed batch; ``step()`` is one training step."""
-
-    def __init__(self, cfg: Config, args: argparse.Namespace, device: torch.device) -> None:
-        torch.manual_seed(0)
-        self.cfg, self.device = cfg, device
-        self.model = build_model(cfg, args.vocab).to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, args.vocab, (args.batch, args.segments * args.segment_len + 1), generator=g)
-        self.segments = split_segments(ids[:, :-1].to(device), ids[:, 1:].to(device), args.segment_len)
-        self.tokens = ids[:, :-1].numel()
-        self.autocast = args.bf16
-
-    def step(self) -> float:
-        mem = self.cfg.memory
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            stats = train_segments(self.model, self.segments, bptt_unroll=mem.bptt_unroll, bptt_mode=mem.bptt_mode,
-                                   replay=mem.replay_backprop)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stats.loss_sum
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def seconds(self, steps: int) -> float:
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.sync()
-        return (time.perf_counter() - start) / steps
-
-    def peak_bytes(self) -> int:
-        """Bytes the step allocates above what is resident before it (one untimed step)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            self.step()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                trace = json.load(f)
-        events = trace["traceEvents"] if isinstance(trace, dict) else trace
-        memory = sorted((e["ts"], e["args"]["Bytes"]) for e in events
-                        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
-        running = peak = 0
-        for _, nbytes in memory:
-            running += nbytes
-            peak = max(peak, running)
-        return peak
-
-    def resident_bytes(self) -> int:
-        tensors = list(self.model.parameters()) + [t for s in self.optimizer.state.values() for t in s.values()
-                                                   if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+from common import Runner, model_config
 
 
 def main() -> None:
@@ -136,7 +50,14 @@ def main() -> None:
     args.xl_len = args.xl_len or args.segment_len
     device = torch.device(args.device)
     kinds = [args.kind, "none"] if args.kind != "none" else ["none"]
-    runners = {kind: Runner(make_config(args, kind), args, device) for kind in kinds}
+    runners = {
+        kind: Runner(model_config(kind=kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                                  segment_len=args.segment_len, segments=args.segments, num_tokens=args.num_tokens,
+                                  xl_len=args.xl_len, bptt_unroll=args.bptt_unroll, bptt_mode=args.bptt_mode,
+                                  replay=args.replay, activation_checkpointing=args.activation_checkpointing),
+                     batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
+        for kind in kinds
+    }
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"d_model {args.d_model}, {args.layers} layers, {args.heads} heads, batch {args.batch}, "
           f"{args.segments} x {args.segment_len} tokens, memory {args.num_tokens}, "

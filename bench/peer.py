@@ -1,0 +1,99 @@
+"""The peer: training tokens/s and peak memory of rmt-dist's RMT against `recurrent-memory-transformer-pytorch`
+(lucidrains, PyPI) on the same configuration, interleaved in one run.
+
+    pip install --no-deps -r bench/requirements-peer.txt
+    python bench/peer.py --segments 4,16 --repeats 3 --threads 2
+
+Configuration (issue 7): dim 256, depth 4, 4 heads, segment 256, 16 memory tokens, batch 4, byte
+vocabulary, fp32 on CPU, full BPTT over all segments; then both with memory-replay backprop. The peer
+is built as a plain RMT — no XL memories, one residual stream (no hyper-connections), rotary positions,
+its flash (SDPA) attention path — so both compute the same kind of model; its remaining extras (null
+key/value, value residual mixing) are a few percent of its FLOPs. Targets at 16 segments, full BPTT:
+ours >= 1.5x its tokens/s and <= 0.5x its peak memory. ``--activation-checkpointing`` turns on ours
+(the peer has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from common import Runner, model_config, peak_step_bytes, timed
+
+DIM, DEPTH, HEADS, SEGMENT, MEMORY, BATCH, VOCAB = 256, 4, 4, 256, 16, 4, 256
+
+
+class PeerRunner:
+    """The peer's model, AdamW and the same kind of fixed batch; ``step()`` is one training step."""
+
+    def __init__(self, segments: int, replay: bool) -> None:
+        from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer, RecurrentMemoryTransformerWrapper
+
+        torch.manual_seed(0)
+        model = RecurrentMemoryTransformer(
+            DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM // HEADS, num_memory_tokens=MEMORY,
+            seq_len=SEGMENT, use_flash_attn=True, use_xl_memories=False, num_residual_streams=1,
+            abs_pos_emb=False, rotary_pos_emb=True)
+        self.model = RecurrentMemoryTransformerWrapper(model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ids = torch.randint(0, VOCAB, (BATCH, segments * SEGMENT + 1), generator=torch.Generator().manual_seed(1))
+        self.tokens = BATCH * segments * SEGMENT
+        self.replay = replay
+
+    def step(self) -> None:
+        if self.replay:
+            self.model(self.ids, memory_replay_backprop=True)  # runs its own backward passes
+        else:
+            loss, _ = self.model(self.ids, return_loss=True)
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def ours(segments: int, replay: bool, checkpointing: bool) -> Runner:
+    cfg = model_config(kind="rmt", d_model=DIM, layers=DEPTH, heads=HEADS, segment_len=SEGMENT, segments=segments,
+                       num_tokens=MEMORY, bptt_unroll=-1, replay=replay, activation_checkpointing=checkpointing)
+    return Runner(cfg, batch=BATCH, vocab=VOCAB, device=torch.device("cpu"))
+
+
+def compare(segments: int, replay: bool, args: argparse.Namespace) -> None:
+    runners = {"rmt-dist": ours(segments, replay, args.activation_checkpointing), "peer": PeerRunner(segments, replay)}
+    params = {name: sum(p.numel() for p in r.model.parameters()) for name, r in runners.items()}
+    cpu = torch.device("cpu")
+    for runner in runners.values():
+        runner.step()  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(args.repeats):
+        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            seconds[name].append(timed(runners[name].step, 1, cpu))
+    peaks = {name: peak_step_bytes(runner.step, cpu) for name, runner in runners.items()}
+    speed = {name: runners[name].tokens / statistics.median(s) for name, s in seconds.items()}
+    mode = "replay" if replay else "full BPTT"
+    for name in runners:
+        print(f"{segments:2d} segments {mode:9s} {name:8s} {speed[name]:8,.0f} tok/s  peak {peaks[name] / 2**20:8.1f} MiB"
+              f"  ({params[name] / 1e6:.2f}M parameters)")
+    print(f"{segments:2d} segments {mode:9s} rmt-dist/peer: tokens/s {speed['rmt-dist'] / speed['peer']:.2f}x, "
+          f"peak memory {peaks['rmt-dist'] / peaks['peer']:.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--segments", default="4,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="ours only")
+    parser.add_argument("--no-replay", action="store_true", help="skip the memory-replay comparison")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dim {DIM}, depth {DEPTH}, {HEADS} heads, "
+          f"segment {SEGMENT}, {MEMORY} memory tokens, batch {BATCH}, vocabulary {VOCAB}, fp32 CPU", flush=True)
+    for replay in (False,) if args.no_replay else (False, True):
+        for segments in (int(n) for n in args.segments.split(",")):
+            compare(segments, replay, args)
+
+
+if __name__ == "__main__":
+    main()
