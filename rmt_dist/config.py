@@ -58,7 +58,8 @@ class MemoryConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("smoke", "smoke | smoke-bytes | wikitext-103 | wikitext-103-raw | enwik8 | task")
+    dataset: str = _f("smoke", "smoke | smoke-bytes | wikitext-103 | wikitext-103-raw | enwik8 | task | "
+                               "classify (documents with text and label; model.backbone=hf)")
     path: str = _f("", "local directory/file or s3://bucket/prefix of the corpus; empty = the default source")
     endpoint_url: str = _f("", "custom S3 endpoint for an s3:// data.path; empty = $AWS_ENDPOINT_URL or AWS")
     segment_len: int = _f(32, "tokens per segment")
@@ -85,6 +86,10 @@ class TrainConfig:
     eval_interval: int = _f(50, "steps between evaluations and checkpoints")
     eval_batches: int = _f(0, "validation batches per evaluation; 0 = the whole validation split")
     activation_checkpointing: bool = _f(False, "recompute each block in backward (non-reentrant)")
+    recompute: str = _f("all", "with activation checkpointing, what backward recomputes: all (keep only block "
+                               "inputs) | elementwise (keep matmul and attention outputs; recompute norms, GELU, rotary)")
+    curriculum: str = _f("", "grow segments from 1 up to data.num_segments (sample data): empty = off, "
+                             "steps:200,400 (one more at each step), acc:0.9 (one more when val_acc >= 0.9)")
     seed: int = _f(0, "random seed")
 
 
@@ -135,7 +140,8 @@ class Config:
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
-DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task")
+DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task", "classify")
+SAMPLE_DATASETS = ("task", "classify")  # samples of segments, memory reset per sample (the rest: LM streams)
 TASKS = ("copy", "reverse", "assoc", "quadratic", "sort")
 
 
@@ -208,6 +214,24 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
     return cfg
 
 
+def parse_curriculum(text: str) -> tuple[str, list[int] | float] | None:
+    """``train.curriculum`` -> None, ("steps", increasing steps) or ("acc", threshold); ConfigError if malformed."""
+    if not text:
+        return None
+    kind, _, arg = text.partition(":")
+    try:
+        if kind == "steps":
+            steps = [int(s) for s in arg.split(",")]
+            if steps == sorted(set(steps)) and steps[0] >= 1:
+                return kind, steps
+        elif kind == "acc" and 0.0 < float(arg) <= 1.0:
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"train.curriculum must be empty, steps:N1,N2,... (increasing, >= 1) or acc:X (0 < X <= 1), "
+                      f"got {text!r}")
+
+
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
@@ -219,6 +243,8 @@ def validate(cfg: Config) -> Config:
     _check(m.backbone in ("builtin", "hf"), "model.backbone", m.backbone, "one of builtin, hf")
     _check(m.backbone != "hf" or bool(m.hf_name_or_path), "model.hf_name_or_path", m.hf_name_or_path,
            "set when model.backbone=hf")
+    _check(m.backbone != "hf" or mem.kind in ("none", "memtr", "rmt"), "memory.kind", mem.kind,
+           "one of none, memtr, rmt for model.backbone=hf (HF models have no per-layer cache input)")
     _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0")
     for key in ("d_model", "n_layers", "n_heads", "d_ff"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
@@ -255,6 +281,10 @@ def validate(cfg: Config) -> Config:
            f"empty for data.dataset={d.dataset} (the smoke corpus ships with Python)")
     _check(d.dataset != "enwik8" or bool(d.path), "data.path", d.path,
            "the enwik8 file (a local path or s3://bucket/key) for data.dataset=enwik8")
+    _check(d.dataset != "classify" or bool(d.path), "data.path", d.path,
+           "a JSONL/parquet file or directory (text, label) or a datasets hub name for data.dataset=classify")
+    _check(d.dataset != "classify" or m.backbone == "hf", "model.backbone", m.backbone,
+           "hf (a pretrained encoder) for data.dataset=classify")
     _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
     _check(d.seed >= 0, "data.seed", d.seed, ">= 0")
     for key in ("num_train", "num_valid", "num_test"):
@@ -271,6 +301,12 @@ def validate(cfg: Config) -> Config:
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
     _check(t.eval_interval >= 1, "train.eval_interval", t.eval_interval, ">= 1")
     _check(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
+    _check(t.recompute in ("all", "elementwise"), "train.recompute", t.recompute, "one of all, elementwise")
+    _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
+           "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")
+    if parse_curriculum(t.curriculum) is not None:
+        _check(d.dataset in SAMPLE_DATASETS, "train.curriculum", t.curriculum,
+               f"empty unless data.dataset is one of {', '.join(SAMPLE_DATASETS)} (samples of segments)")
 
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "one of 0, 1, 2, 3")
     _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params", ds.offload_params,

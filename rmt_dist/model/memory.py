@@ -12,6 +12,11 @@ The step knows one segment; the recurrence over segments (BPTT modes, replay) li
                               continuous attention added to each block's attention; with xl_len > 0
                               the XL cache is its short-term memory and the LTM takes what leaves it
 
+Encoder backbones (``backbone.is_encoder``, HF BERT-likes: bidirectional attention) take
+``[mem ; tokens]`` and the next memory from the same positions (1M-token paper). Backbones with
+``supports_padding`` accept ``PAD_ID`` in ``input_ids``: padding is never attended to, and a sample with
+no token in a segment keeps its memory.
+
 Mask rows (True = may attend): memory blocks see their whole own block; the read block and memtr
 memory never see the segment's tokens (that would leak future tokens to earlier positions); tokens
 see cache, read memory and earlier tokens; the write block sees everything.
@@ -31,6 +36,7 @@ from rmt_dist.model import ltm as ltm_lib
 from rmt_dist.model.backbone import BlockCausal
 
 IGNORE_INDEX = -100
+PAD_ID = -1  # input_ids value of padding (backbones with supports_padding)
 
 
 @dataclass
@@ -119,6 +125,7 @@ class MemoryModel(nn.Module):
         self.num_tokens = memory.num_tokens if memory.kind in ("memtr", "rmt", "rmt_xl") else 0
         self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl", "infinite") else 0
         self.aux_loss_weight = memory.aux_loss_weight
+        self.encoder_layout = getattr(backbone, "is_encoder", False)
         self.memory_init = InitialMemory(self.num_tokens, backbone.d_model) if self.num_tokens else None
         self.ltm_basis = memory.ltm_basis if memory.kind == "infinite" else 0
         self.ltm_tau, self.ltm_ridge, self.ltm_samples, self.sticky = (
@@ -190,26 +197,36 @@ class MemoryModel(nn.Module):
         """
         B, L = input_ids.shape
         m, kind = self.num_tokens, self.kind
-        x = self.backbone.embed_tokens(input_ids)  # [B, L, d]
+        pad = input_ids == PAD_ID if getattr(self.backbone, "supports_padding", False) else None
+        padded = pad is not None and bool(pad.any())
+        x = self.backbone.embed_tokens(input_ids.masked_fill(pad, 0) if padded else input_ids)  # [B, L, d]
         if kind == "memtr" and m:
             x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)  # [B, m + L, d]
         elif kind in ("rmt", "rmt_xl"):
             mem = self.memory_init(B).to(x.dtype) if state.memory is None else state.memory.to(x.dtype)
-            x = torch.cat([mem, x, mem], dim=1)  # [B, m + L + m, d]
+            x = torch.cat([mem, x] if self.encoder_layout else [mem, x, mem], dim=1)  # [B, m + L (+ m), d]
         caches = state.xl if self.xl_len and state.xl is not None else None
         c = 0 if caches is None else caches[0].shape[1]
         read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
-        write = m if kind in ("rmt", "rmt_xl") else 0
+        write = m if kind in ("rmt", "rmt_xl") and not self.encoder_layout else 0
+        extra = {}
+        if padded:  # [B, T] False at padding; memory positions are always valid
+            extra["valid"] = torch.cat([pad.new_zeros(B, read), pad, pad.new_zeros(B, write)], dim=1).logical_not()
         # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
         mask = BlockCausal(read, write) if read and not c else segment_mask(kind, m, L, c, x.device)
         reads = None
         if self.ltm_attention is not None and state.ltm is not None:
             reads = [ltm_lib.LTMRead(att, coeffs) for att, coeffs in zip(self.ltm_attention, state.ltm)]
         h, layer_inputs = self.backbone(x, mask=mask, caches=caches, side=reads,
-                                        return_layer_inputs=bool(self.xl_len or self.ltm_attention is not None))
+                                        return_layer_inputs=bool(self.xl_len or self.ltm_attention is not None),
+                                        **extra)
 
         h_tokens = h[:, read:read + L]  # [B, L, d]
-        new_memory = h[:, read + L:] if kind in ("rmt", "rmt_xl") else None  # [B, m, d] = H_write
+        new_memory = None
+        if kind in ("rmt", "rmt_xl"):  # [B, m, d] = H_write (encoders: the output at the read positions)
+            new_memory = h[:, :m] if self.encoder_layout else h[:, read + L:]
+            if padded:  # a sample with no token in this segment keeps its memory
+                new_memory = torch.where(pad.all(dim=1)[:, None, None], mem, new_memory)
         new_xl = None
         if self.xl_len:  # per layer: the last xl_len token states (block inputs) of cache + this segment
             new_xl = tuple(
