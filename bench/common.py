@@ -1,17 +1,15 @@
 """What the benchmarks share: a model + optimizer + fixed batch whose ``step()`` is one training step,
-timed in steady state, and the peak memory one step allocates (on CPU and on CUDA)."""
+timed in steady state, and the peak memory one step allocates (``metrics.peak_step_bytes``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 
 import torch
 
 from rmt_dist.config import Config, validate
 from rmt_dist.model import build_model, split_segments, train_segments
+from rmt_dist.train.metrics import peak_step_bytes
 
 
 def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_len: int, segments: int,
@@ -77,33 +75,3 @@ def timed(step, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
-
-
-def peak_step_bytes(step, device: torch.device) -> int:
-    """Bytes one call of ``step`` allocates above what was resident before it. On CUDA
-    ``torch.cuda.max_memory_allocated``; on CPU the running total of the allocator's events that
-    ``torch.profiler`` records (``profile_memory=True``)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    allocations = sorted((e["ts"], e["args"]["Bytes"]) for e in events
-                         if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
-    running = peak = 0
-    for _, nbytes in allocations:
-        running += nbytes
-        peak = max(peak, running)
-    return peak

@@ -18,12 +18,13 @@ VOCAB, B, L, S = 23, 2, 5, 3  # vocab, batch, segment length, segments
 TIGHT = dict(rtol=0.0, atol=1e-12)
 
 
-def tiny(kind: str, m: int = 3, xl_len: int = 7, dropout: float = 0.0, ac: bool = False, seed: int = 0) -> MemoryModel:
+def tiny(kind: str, m: int = 3, xl_len: int = 7, dropout: float = 0.0, ac: bool = False, seed: int = 0,
+         recompute: str = "all") -> MemoryModel:
     cfg = Config()
     cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.d_ff = 32, 2, 4, 64
     cfg.model.dropout = dropout
     cfg.memory.kind, cfg.memory.num_tokens, cfg.memory.xl_len = kind, m, xl_len
-    cfg.train.activation_checkpointing = ac
+    cfg.train.activation_checkpointing, cfg.train.recompute = ac, recompute
     torch.manual_seed(seed)
     return build_model(cfg, VOCAB).double()
 
@@ -265,6 +266,31 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(kind: str) ->
     for name in plain_grads:
         torch.testing.assert_close(ac_grads[name], plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
     assert ac_saved < 0.6 * plain_saved, (ac_saved, plain_saved)
+
+
+def test_elementwise_recompute_same_gradients_memory_between_none_and_all() -> None:
+    """Selective recomputation keeps matmul/attention outputs: gradients exactly as without
+    checkpointing, peak memory below no checkpointing and above recomputing everything."""
+    from rmt_dist.train.metrics import peak_step_bytes
+
+    ids = torch.randint(0, VOCAB, (4, 4 * L * 4))
+    grads, peaks = {}, {}
+    for name, ac, recompute in (("none", False, "all"), ("all", True, "all"), ("elementwise", True, "elementwise")):
+        model = tiny("rmt", dropout=0.1, ac=ac, recompute=recompute)
+
+        def step() -> None:
+            torch.manual_seed(1)
+            outputs, _ = forward_segments(model, [(ids[:, i:i + 4 * L], ids.roll(-1, 1)[:, i:i + 4 * L])
+                                                  for i in range(0, ids.shape[1], 4 * L)])
+            sum(o.loss_sum for o in outputs).backward()
+
+        peaks[name] = peak_step_bytes(step, torch.device("cpu"))
+        model.zero_grad()
+        step()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in grads["none"]:
+        torch.testing.assert_close(grads["elementwise"][name], grads["none"][name], rtol=1e-10, atol=1e-12, msg=name)
+    assert peaks["all"] < peaks["elementwise"] < peaks["none"], peaks
 
 
 @pytest.mark.parametrize("head_dim", (8, 7))

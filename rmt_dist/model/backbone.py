@@ -10,13 +10,14 @@ distances stay right.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from rmt_dist.config import ModelConfig
 
@@ -41,6 +42,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     out = x_rot * cos + rotated * sin
     return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+
+
+# Ops whose outputs selective recomputation keeps: the matmuls and attention kernels (the FLOPs). Everything
+# else in a block (norms, GELU, rotary, residual adds, copies) is recomputed in backward.
+_KEPT_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+) if hasattr(torch.ops.aten, name)}
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+CHECKPOINT_CONTEXTS = {
+    "all": noop_context_fn,  # keep only each block's input
+    "elementwise": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls),
+}
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,7 @@ class TransformerBackbone(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_base = cfg.rope_base
         self.activation_checkpointing = False
+        self.recompute = "all"  # with activation checkpointing: a key of CHECKPOINT_CONTEXTS
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -183,7 +203,8 @@ class TransformerBackbone(nn.Module):
             cache = caches[i] if caches is not None and C else None
             read = side[i] if side is not None else None
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, mask, cos, sin, read, use_reentrant=False)
+                x = checkpoint(block, x, cache, mask, cos, sin, read, use_reentrant=False,
+                               context_fn=CHECKPOINT_CONTEXTS[self.recompute])
             else:
                 x = block(x, cache, mask, cos, sin, read)
         return self.ln_f(x), layer_inputs

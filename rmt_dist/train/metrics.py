@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
 import sys
+import tempfile
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +34,36 @@ def peak_mem_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_step_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Bytes one call of ``step`` allocates above what was allocated before it. On CUDA
+    ``torch.cuda.max_memory_allocated``; on CPU (which keeps no such counter) the running total of the
+    allocator's events that ``torch.profiler`` records with ``profile_memory=True``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    allocations = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                         if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
+    running = peak = 0
+    for _, nbytes in allocations:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 def validation_metrics(loss_sum: float, n_tokens: int, correct: int, metric: str) -> dict[str, float]:
