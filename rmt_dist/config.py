@@ -88,8 +88,6 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block in backward (non-reentrant)")
     recompute: str = _f("all", "with activation checkpointing, what backward recomputes: all (keep only block "
                                "inputs) | elementwise (keep matmul and attention outputs; recompute norms, GELU, rotary)")
-    recompute: str = _f("all", "with activation checkpointing, what backward recomputes: all (keep only block "
-                               "inputs) | elementwise (keep matmul and attention outputs; recompute norms, GELU, rotary)")
     curriculum: str = _f("", "grow segments from 1 up to data.num_segments (sample data): empty = off, "
                              "steps:200,400 (one more at each step), acc:0.9 (one more when val_acc >= 0.9)")
     seed: int = _f(0, "random seed")
@@ -303,9 +301,6 @@ def validate(cfg: Config) -> Config:
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
     _check(t.eval_interval >= 1, "train.eval_interval", t.eval_interval, ">= 1")
     _check(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, ">= 0")
-    _check(t.recompute in ("all", "elementwise"), "train.recompute", t.recompute, "one of all, elementwise")
-    _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
-           "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")
     _check(t.recompute in ("all", "elementwise"), "train.recompute", t.recompute, "one of all, elementwise")
     _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
            "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")

@@ -29,7 +29,6 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> MemoryModel:
     backbone = TransformerBackbone(cfg.model, vocab, out_size=vocab + aux_class)
     backbone.activation_checkpointing = cfg.train.activation_checkpointing
     backbone.recompute = cfg.train.recompute
-    backbone.recompute = cfg.train.recompute
     return MemoryModel(backbone, cfg.memory, vocab)
 
 
