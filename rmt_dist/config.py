@@ -64,8 +64,10 @@ class DataConfig:
     endpoint_url: str = _f("", "custom S3 endpoint for an s3:// data.path; empty = $AWS_ENDPOINT_URL or AWS")
     segment_len: int = _f(32, "tokens per segment")
     num_segments: int = _f(4, "segments per training window (LM) or per sample (tasks)")
-    task: str = _f("copy", "copy | reverse | assoc | quadratic | sort (dataset=task)")
-    task_length: int = _f(8, "source length of copy/reverse, pairs for assoc, sequence length for sort")
+    task: str = _f("copy", "copy | reverse | assoc | quadratic | sort | retrieval_start | retrieval_random | "
+                           "retrieval_two (1M-token paper: a fact in distractor text, a question at the end)")
+    task_length: int = _f(8, "source length of copy/reverse, pairs for assoc, sequence length for sort, "
+                             "characters before the answer for retrieval_*")
     num_train: int = _f(0, "training samples for tasks; 0 = the paper's size (100,000)")
     num_valid: int = _f(0, "validation samples for tasks; 0 = the paper's size (5,000; quadratic 10,000)")
     num_test: int = _f(0, "test samples for tasks; 0 = the paper's size (10,000; quadratic 20,000)")
@@ -124,6 +126,8 @@ class StorageConfig:
     run_name: str = _f("", "Ray Train run name; rerunning with the same path and name resumes it; empty = job-time")
     endpoint_url: str = _f("", "custom S3 endpoint; empty = $AWS_ENDPOINT_URL or AWS")
     num_to_keep: int = _f(2, "checkpoints kept")
+    export_path: str = _f("", "local directory to save the trained model in as a Hugging Face-style directory "
+                              "(model.backbone=hf); empty = none")
 
 
 @dataclass
@@ -142,7 +146,7 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
 MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
 DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task", "classify")
 SAMPLE_DATASETS = ("task", "classify")  # samples of segments, memory reset per sample (the rest: LM streams)
-TASKS = ("copy", "reverse", "assoc", "quadratic", "sort")
+TASKS = ("copy", "reverse", "assoc", "quadratic", "sort", "retrieval_start", "retrieval_random", "retrieval_two")
 
 
 def _key_types() -> dict[str, type]:
@@ -285,6 +289,8 @@ def validate(cfg: Config) -> Config:
            "a JSONL/parquet file or directory (text, label) or a datasets hub name for data.dataset=classify")
     _check(d.dataset != "classify" or m.backbone == "hf", "model.backbone", m.backbone,
            "hf (a pretrained encoder) for data.dataset=classify")
+    _check(d.dataset != "task" or m.backbone == "builtin", "model.backbone", m.backbone,
+           "builtin for data.dataset=task (task vocabularies are characters, not a pretrained tokenizer's)")
     _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
     _check(d.seed >= 0, "data.seed", d.seed, ">= 0")
     for key in ("num_train", "num_valid", "num_test"):
@@ -307,6 +313,14 @@ def validate(cfg: Config) -> Config:
     if parse_curriculum(t.curriculum) is not None:
         _check(d.dataset in SAMPLE_DATASETS, "train.curriculum", t.curriculum,
                f"empty unless data.dataset is one of {', '.join(SAMPLE_DATASETS)} (samples of segments)")
+        _check(d.dataset != "task" or d.task.startswith("retrieval"), "train.curriculum", t.curriculum,
+               f"empty for data.task={d.task} (of the tasks only retrieval_* grow with the segment count)")
+        # DeepSpeed's accumulation count is fixed at initialisation: it must not depend on the segments.
+        one_backward = (mem.bptt_unroll == -1 and not mem.replay_backprop) or (
+            mem.bptt_mode == "window" and mem.bptt_unroll + 1 >= d.num_segments)
+        _check(one_backward, "train.curriculum", t.curriculum,
+               "empty unless a step makes one backward call at every segment count (memory.bptt_unroll=-1 "
+               "without replay, or bptt_mode=window with bptt_unroll >= data.num_segments - 1)")
 
     _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", ds.zero_stage, "one of 0, 1, 2, 3")
     _check(not ds.offload_params or ds.zero_stage == 3, "deepspeed.offload_params", ds.offload_params,
@@ -322,6 +336,9 @@ def validate(cfg: Config) -> Config:
            s.placement_strategy, "one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
     _check(s.max_failures >= -1, "scaling.max_failures", s.max_failures, ">= -1 (-1 = retry forever)")
     _check(cfg.storage.num_to_keep >= 1, "storage.num_to_keep", cfg.storage.num_to_keep, ">= 1")
+    _check(not cfg.storage.export_path or m.backbone == "hf", "storage.export_path", cfg.storage.export_path,
+           "empty unless model.backbone=hf")
+    _check("://" not in cfg.storage.export_path, "storage.export_path", cfg.storage.export_path, "a local directory")
     _check(bool(cfg.storage.path), "storage.path", cfg.storage.path, "a local directory or s3://bucket/prefix")
     return cfg
 

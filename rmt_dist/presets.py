@@ -21,6 +21,12 @@ _PAPER_COMMON: dict[str, Any] = {
     "train.activation_checkpointing": True, "train.grad_clip": 0.25,
 }
 
+# Pretrained Hugging Face models: hub names for users (tests pass local directories).
+_HF_SMOKE: dict[str, Any] = {
+    **_SMOKE_COMMON, "model.backbone": "hf", "train.batch_size": 2, "train.lr": 1e-4, "train.warmup_steps": 2,
+    "train.max_steps": 20, "train.eval_interval": 10, "train.eval_batches": 2,
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "lm_wikitext": {
         "smoke": {**_SMOKE_COMMON, "data.dataset": "smoke", "data.segment_len": 32, "data.num_segments": 2,
@@ -41,6 +47,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "model.dropout": 0.1, "memory.num_tokens": 10, "memory.bptt_unroll": 2,
                   "train.batch_size": 22, "train.lr": 2.5e-4, "train.max_steps": 400_000,
                   "train.eval_interval": 4000, "train.eval_batches": 0},
+    },
+    "finetune_lm": {
+        "smoke": {**_HF_SMOKE, "model.hf_name_or_path": "gpt2", "data.dataset": "smoke", "data.segment_len": 64,
+                  "data.num_segments": 2},
+        # GPT-2 (124M) with 10 memory tokens on raw WikiText-103 (its BPE reads raw text): segments of 512.
+        "paper": {**_PAPER_COMMON, "model.backbone": "hf", "model.hf_name_or_path": "gpt2",
+                  "data.dataset": "wikitext-103-raw", "data.segment_len": 512, "data.num_segments": 4,
+                  "memory.num_tokens": 10, "memory.bptt_unroll": 2, "train.batch_size": 8, "train.lr": 5e-5,
+                  "train.warmup_steps": 500, "train.max_steps": 20_000, "train.eval_interval": 1000,
+                  "train.eval_batches": 50, "train.grad_clip": 1.0},
+    },
+    "classify_long": {
+        "smoke": {**_HF_SMOKE, "model.hf_name_or_path": "bert-base-uncased", "data.dataset": "classify",
+                  "data.segment_len": 128, "data.num_segments": 4, "memory.bptt_unroll": -1,
+                  "memory.bptt_mode": "window", "train.lr": 3e-5},
+        # Hyperpartisan News as in the RMT paper: RoBERTa-base, segments of 500 tokens + 10 memory tokens,
+        # up to 2,000 tokens, full BPTT over the 4 segments.
+        "paper": {**_PAPER_COMMON, "model.backbone": "hf", "model.hf_name_or_path": "roberta-base",
+                  "data.dataset": "classify", "data.segment_len": 500, "data.num_segments": 4,
+                  "memory.num_tokens": 10, "memory.bptt_unroll": -1, "memory.bptt_mode": "window",
+                  "train.batch_size": 8, "train.lr": 2e-5, "train.warmup_steps": 100, "train.max_steps": 2000,
+                  "train.eval_interval": 100, "train.eval_batches": 0, "train.grad_clip": 1.0},
     },
     "algorithmic": {
         # Copy, source 8 written twice, 3 segments of 8: RMT reaches 1.0 token accuracy in ~30 s of 2 CPUs.

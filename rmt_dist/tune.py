@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from ray.tune import Callback as TuneCallback
 
 from rmt_dist import report as R
-from rmt_dist.config import KEY_TYPES, Config, ConfigError, _coerce, apply_overrides, from_flat, help_text, \
+from rmt_dist.config import KEY_TYPES, SAMPLE_DATASETS, Config, ConfigError, _coerce, apply_overrides, from_flat, help_text, \
     parse_args, to_flat, validate
 from rmt_dist.presets import PRESETS
 from rmt_dist.train import metrics as M
@@ -300,7 +300,7 @@ def describe_point(cfg: Config, keys: Sequence[str]) -> str:
 
 def metric_of(cfg: Config) -> tuple[str, str]:
     """The validation metric a workload is judged by, and whether lower is better."""
-    if cfg.data.dataset == "task":
+    if cfg.data.dataset in SAMPLE_DATASETS:
         return M.PRIMARY["acc"]
     from rmt_dist.data.corpus import LM_DATASETS
 

@@ -11,7 +11,7 @@ TEXT = [line for topic in topics.values() for line in topic.splitlines() if line
 
 
 def gpt2_dir(root: Path) -> str:
-    """GPT-2, d 32, 2 layers, a byte-level BPE of 320 symbols trained on the smoke corpus."""
+    """GPT-2, d 32, 2 layers, no dropout, a byte-level BPE of 320 symbols trained on the smoke corpus."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -22,14 +22,15 @@ def gpt2_dir(root: Path) -> str:
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
                                             bos_token="<|endoftext|>", unk_token="<|endoftext|>")
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=512,
-                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # exact gradient comparisons
         GPT2LMHeadModel(config).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return str(out)
 
 
 def bert_dir(root: Path) -> str:
-    """BERT, d 32, 2 layers, a WordPiece vocabulary of 400 trained on the smoke corpus."""
+    """BERT, d 32, 2 layers, no dropout, a WordPiece vocabulary of 400 trained on the smoke corpus."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -41,7 +42,8 @@ def bert_dir(root: Path) -> str:
         wordpiece.save_model(str(out))
         tokenizer = BertTokenizerFast.from_pretrained(out, do_lower_case=True)
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512)
+                            intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
         BertModel(config).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return str(out)

@@ -90,8 +90,8 @@ def test_defaults_and_every_preset_round_trip_through_the_flat_form() -> None:
 @pytest.mark.parametrize("job,preset", [(job, name) for job in PRESETS for name in PRESETS[job]])
 def test_every_preset_is_valid(job, preset) -> None:
     flat = dict(PRESETS[job][preset])
-    if flat.get("data.dataset") == "enwik8":
-        flat["data.path"] = "/data/enwik8"  # the one value a user must give
+    if flat.get("data.dataset") in ("enwik8", "classify"):
+        flat["data.path"] = "/data/" + flat["data.dataset"]  # the one value a user must give
     cfg = from_flat(flat)
     assert validate(cfg) is cfg  # raises ConfigError on the first invalid value
 

@@ -194,7 +194,8 @@ def test_evaluation_batches_see_every_sample_once_with_masked_filler_rows(cache)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"task": "add"}, "data.task must be one of copy, reverse, assoc, quadratic, sort, got 'add'"),
+    ({"task": "add"}, "data.task must be one of copy, reverse, assoc, quadratic, sort, retrieval_start, "
+                       "retrieval_random, retrieval_two, got 'add'"),
     ({"task": "copy", "task_length": 24, "segment_len": 10, "num_segments": 3},
      "data: a copy sample with data.task_length=24 has 72 tokens, more than data.segment_len x data.num_segments "
      "= 10 x 3 = 30"),

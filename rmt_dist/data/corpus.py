@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from rmt_dist.config import DataConfig
+from rmt_dist.config import Config, DataConfig
 from rmt_dist.data import sources
 from rmt_dist.data.cache import build_once, cache_root, entry_key
 from rmt_dist.data.errors import DataError
-from rmt_dist.data.tokenizers import SPLITS, tokenize_bytes, tokenize_words
+from rmt_dist.data.tokenizers import SPLITS, hf_fingerprint, tokenize_bytes, tokenize_hf, tokenize_words
 
 # dataset -> (tokenizer level, metric); word level reports perplexity, byte level bits per character
 LM_DATASETS: dict[str, tuple[str, str]] = {
@@ -31,7 +32,7 @@ class LMCorpus:
     valid: np.ndarray
     test: np.ndarray
     vocab_size: int
-    metric: str  # "ppl" (word level) or "bpc" (byte level)
+    metric: str  # "ppl" (word level, HF tokenizers: per token) or "bpc" (byte level)
     path: Path  # the cache entry: {train,valid,test}.npy, vocab.txt, meta.json
     cached: bool  # True when an earlier run (or another worker) had tokenized it already
 
@@ -40,9 +41,23 @@ class LMCorpus:
         return (self.path / "vocab.txt").read_text(encoding="utf-8").splitlines()
 
 
-def _tokenize(dataset: str, source: sources.Source, out: Path) -> None:
+def hf_tokenizer(cfg: Config) -> str:
+    """The Hugging Face tokenizer an LM corpus is read with: the pretrained model's own (backbone=hf)."""
+    return cfg.model.hf_name_or_path if cfg.model.backbone == "hf" else ""
+
+
+def _text(source: sources.Source, split: str) -> Iterable[str]:
+    if hasattr(source, "text"):
+        return source.text(split)
+    return [source.data(split).decode("utf-8", errors="replace")]  # enwik8: bytes, read as UTF-8 text
+
+
+def _tokenize(dataset: str, source: sources.Source, out: Path, tokenizer: str) -> None:
     level = LM_DATASETS[dataset][0]
-    if level == "word":
+    if tokenizer:
+        vocab_size = tokenize_hf({split: _text(source, split) for split in SPLITS}, tokenizer, out)
+        level = "hf"
+    elif level == "word":
         vocab_size = tokenize_words({split: source.text(split) for split in SPLITS}, out)
     else:
         vocab_size = tokenize_bytes({split: source.data(split) for split in SPLITS}, out)
@@ -55,8 +70,10 @@ def _tokenize(dataset: str, source: sources.Source, out: Path) -> None:
                                                "source": source.fingerprint}))
 
 
-def load_lm_corpus(data_cfg: DataConfig) -> LMCorpus:
-    """The corpus named by ``data.dataset`` / ``data.path``, tokenized on first use and cached.
+def load_lm_corpus(data_cfg: DataConfig, tokenizer: str = "") -> LMCorpus:
+    """The corpus named by ``data.dataset`` / ``data.path``, tokenized on first use and cached; with
+    ``tokenizer`` (a Hugging Face name or directory, see :func:`hf_tokenizer`) by that tokenizer, and
+    its metric is per-token perplexity.
 
     Safe to call from several processes at once: one tokenizes, the others wait and memory-map its result.
     Raises DataError (one line) for an unknown dataset, missing files or an empty split.
@@ -67,8 +84,11 @@ def load_lm_corpus(data_cfg: DataConfig) -> LMCorpus:
     root = cache_root(data_cfg.cache_dir)
     source = sources.resolve(data_cfg, root)
     level, metric = LM_DATASETS[data_cfg.dataset]
-    entry = root / "lm" / f"{data_cfg.dataset}-{entry_key(source=source.fingerprint, tokenizer=level)}"
-    built = build_once(entry, lambda tmp: _tokenize(data_cfg.dataset, source, tmp))
+    key = entry_key(source=source.fingerprint, tokenizer=["hf", hf_fingerprint(tokenizer)] if tokenizer else level)
+    if tokenizer:
+        metric = "ppl"
+    entry = root / "lm" / f"{data_cfg.dataset}-{key}"
+    built = build_once(entry, lambda tmp: _tokenize(data_cfg.dataset, source, tmp, tokenizer))
     meta = json.loads((entry / "meta.json").read_text())
     train, valid, test = (np.load(entry / f"{split}.npy", mmap_mode="r") for split in SPLITS)
     return LMCorpus(name=data_cfg.dataset, train=train, valid=valid, test=test, vocab_size=meta["vocab_size"],

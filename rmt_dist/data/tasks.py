@@ -12,6 +12,8 @@ A sample is ``source | target``; the model reads it left to right and is scored 
 - sort (∞-former): ``n`` tokens over 20 symbols drawn from a mixture of two random distributions whose
   weight moves linearly from the first to the second along the sequence (our reading of the paper);
   target = all 20 symbols by descending count in the sequence, ties by symbol order.
+- retrieval_start, retrieval_random, retrieval_two (1M-token paper): see ``retrieval.py``; ``task_length``
+  is the text's length in characters, the target the answer location.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from functools import cached_property
 from typing import Callable
 
 import numpy as np
+
+from rmt_dist.data import retrieval
 
 PAD, SOT = "_", "|"
 STEP = 30  # quadratic: characters per step
@@ -147,6 +151,15 @@ def _sort(rng: np.random.Generator, n: int, _: int) -> tuple[str, str]:
     return source, sort_target(source)
 
 
+def _retrieval(variant: str) -> Callable[[np.random.Generator, int, int], tuple[str, str]]:
+    """The answer padded to the longest location, so every sample of a length has one size."""
+    def sample(rng: np.random.Generator, n: int, _: int) -> tuple[str, str]:
+        text, answer = retrieval.retrieval_sample(rng, variant, n)
+        return text, answer.ljust(retrieval.ANSWER_LEN, PAD)
+
+    return sample
+
+
 _QUADRATIC_REAL = len(ALPHAS) * (201 * 202 // 2)  # alphas x unordered root pairs
 PAPER = (100_000, 5_000, 10_000)
 TASKS: dict[str, Task] = {
@@ -160,4 +173,8 @@ TASKS: dict[str, Task] = {
     # PAPERS.md gives no sizes for sort; 16k-token samples make 100,000 of them impractical (our choice)
     "sort": Task("sort", CharVocab(SORT_SYMBOLS), _sort, lambda n: len(SORT_SYMBOLS) ** n,
                  (10_000, 1_000, 1_000)),
+    # The 1M-token paper gives no sizes either; its texts are long, so the sort sizes (our choice).
+    **{f"retrieval_{variant}": Task(f"retrieval_{variant}", CharVocab(retrieval.CHARS), _retrieval(variant),
+                                    lambda n: 10 ** 12, (10_000, 1_000, 1_000))
+       for variant in retrieval.VARIANTS},
 }

@@ -10,14 +10,16 @@ Byte level (enwik8, as Transformer-XL's enwik8 preparation): every byte is a sym
 which that preparation drops; the vocabulary is the bytes seen in train, valid and test by descending
 count (204 for enwik8).
 
-Both write ``{train,valid,test}.npy`` (the smallest unsigned/int dtype that holds the ids) and
+Hugging Face (``model.backbone=hf``): the pretrained model's own tokenizer, no special tokens.
+
+All write ``{train,valid,test}.npy`` (the smallest unsigned/int dtype that holds the ids) and
 ``vocab.txt`` (one symbol per line; bytes as their decimal value) into a directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -106,3 +108,33 @@ def tokenize_bytes(splits: Mapping[str, bytes], out: Path) -> int:
         np.save(out / f"{split}.npy", to_id[a])
     _write_vocab(out, [str(b) for b in order])
     return len(order)
+
+
+def hf_fingerprint(name_or_path: str) -> Any:
+    """What identifies a Hugging Face tokenizer for the cache: a local directory's tokenizer files (size,
+    mtime), or the hub name."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    files = sorted(p for p in path.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
+    return [str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def tokenize_hf(splits: Mapping[str, Iterable[str]], name_or_path: str, out: Path) -> int:
+    """Ids of each split (text chunks of whole lines) with a Hugging Face tokenizer (no special tokens:
+    the text is one stream) into ``out``; returns the tokenizer's vocabulary size."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    dtype = _id_dtype(len(tokenizer))
+    for split in SPLITS:
+        parts = []
+        for chunk in splits[split]:
+            lines = chunk.splitlines(keepends=True)
+            for start in range(0, len(lines), 4096):
+                encoded = tokenizer(lines[start:start + 4096], add_special_tokens=False)["input_ids"]
+                parts.extend(np.asarray(ids, dtype) for ids in encoded if ids)
+        np.save(out / f"{split}.npy", np.concatenate(parts or [np.zeros(0, dtype)]))
+    symbols = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    _write_vocab(out, [str(s).replace("\n", "\\n") for s in symbols])
+    return len(tokenizer)

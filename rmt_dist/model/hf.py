@@ -12,8 +12,10 @@ interface: ``embed_tokens`` is the model's input embedding, ``forward`` runs the
   MemoryModel to put memory at the start of the segment and read the next memory from the same
   positions (1M-token paper). The head is RoBERTa's classification head (dense, tanh, out) applied
   per position; the data labels one position per sample (see ``data/classify.py``).
-- Padding (``valid`` False) is never attended to, and position ids count only valid positions, so a
-  padded sample computes exactly what it computes alone.
+- Padding (``valid`` False) is never attended to, so a padded sample computes what it computes alone:
+  causal LMs get position ids that count only valid positions (the write block after padding keeps
+  its unpadded positions); encoders get the plain 2D padding mask (DeBERTa reads masks as 0/1, not
+  additive) and their own position ids, so their padding must trail the tokens (``data/classify.py``).
 """
 
 from __future__ import annotations
@@ -76,12 +78,11 @@ class HFBackbone(nn.Module):
         return self.hf.get_input_embeddings()(input_ids)
 
     def _attention_mask(self, mask: Mask, T: int, valid: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """[B or 1, 1, T, T] additive mask (0 = may attend), or None for the model's own plain mask."""
-        if self.is_encoder:
-            if valid is None:
-                return None
-            allowed = torch.ones(T, T, dtype=torch.bool, device=valid.device)
-        elif isinstance(mask, BlockCausal):
+        """Causal LMs: [B or 1, 1, T, T] additive mask (0 = may attend); encoders: [B, T] padding mask;
+        None for the model's own plain mask."""
+        if self.is_encoder:  # bidirectional: the 2D padding mask, the form every encoder takes natively
+            return None if valid is None else valid.long()
+        if isinstance(mask, BlockCausal):
             allowed = mask.dense(T, valid.device if valid is not None else None)
         elif mask is None:
             if valid is None:
@@ -105,10 +106,11 @@ class HFBackbone(nn.Module):
         if caches is not None or side is not None or return_layer_inputs:
             raise ValueError("model.backbone=hf supports memory.kind none, memtr and rmt only")
         T = x.shape[1]
-        position_ids = None if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-        extra = {} if self.is_encoder else {"use_cache": False}
-        out = self.body(inputs_embeds=x, attention_mask=self._attention_mask(mask, T, valid, x.dtype),
-                        position_ids=position_ids, **extra)
+        extra: dict[str, Any] = {}
+        if not self.is_encoder:  # the write block after padding keeps the positions it has unpadded
+            extra["use_cache"] = False
+            extra["position_ids"] = None if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+        out = self.body(inputs_embeds=x, attention_mask=self._attention_mask(mask, T, valid, x.dtype), **extra)
         return out.last_hidden_state, None
 
     def logits(self, h: Tensor) -> Tensor:

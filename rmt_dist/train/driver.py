@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -53,11 +54,17 @@ def prepare_data(cfg: Config) -> Config:
     Raises ConfigError / DataError (one line) for missing files, empty corpora, bad sizes.
     """
     from rmt_dist.data import load_lm_corpus, load_task_splits
+    from rmt_dist.data.corpus import hf_tokenizer
 
+    model_vocab = _check_hf_model(cfg) if cfg.model.backbone == "hf" else None
     if cfg.data.dataset == "task":
         vocab = load_task_splits(cfg.data).vocab_size
+    elif cfg.data.dataset == "classify":
+        from rmt_dist.data.classify import load_classify_splits
+
+        vocab = load_classify_splits(cfg.data, cfg.model.hf_name_or_path).num_classes
     else:
-        corpus = load_lm_corpus(cfg.data)
+        corpus = load_lm_corpus(cfg.data, hf_tokenizer(cfg))
         vocab = corpus.vocab_size
         needed = cfg.data.segment_len * cfg.data.num_segments * cfg.train.batch_size * cfg.scaling.num_workers
         for split, tokens in (("train", corpus.train), ("valid", corpus.valid)):
@@ -65,9 +72,35 @@ def prepare_data(cfg: Config) -> Config:
                 raise ConfigError(
                     f"data: the {split} split has {len(tokens)} tokens, fewer than one window of "
                     f"data.segment_len x data.num_segments x train.batch_size x scaling.num_workers = {needed}")
+    if model_vocab is not None and vocab > model_vocab:
+        raise ConfigError(f"model.hf_name_or_path must have a vocabulary of at least its tokenizer's {vocab} ids, "
+                          f"got {model_vocab}")
     if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({vocab}), got {cfg.model.vocab_size}")
     return apply_overrides(cfg, {"model.vocab_size": cfg.model.vocab_size or vocab})
+
+
+def _check_hf_model(cfg: Config) -> int | None:
+    """The pretrained model must load and fit the workload (a causal LM for text, an encoder for
+    classification); returns a causal LM's vocabulary size."""
+    from transformers import AutoConfig
+
+    from rmt_dist.model.hf import is_causal_lm
+
+    path = cfg.model.hf_name_or_path
+    try:
+        causal = is_causal_lm(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.hf_name_or_path must be a Hugging Face model (a hub name or a directory with "
+                          f"config.json), got {path!r} ({reason})") from None
+    if cfg.data.dataset == "classify" and causal:
+        raise ConfigError(f"model.hf_name_or_path must be an encoder (BERT, RoBERTa, DeBERTa) for "
+                          f"data.dataset=classify, got the causal LM {path!r}")
+    if cfg.data.dataset != "classify" and not causal:
+        raise ConfigError(f"model.hf_name_or_path must be a causal LM for data.dataset={cfg.data.dataset}, got the "
+                          f"encoder {path!r} (encoders: data.dataset=classify)")
+    return AutoConfig.from_pretrained(path).vocab_size if causal else None
 
 
 def init_ray(cfg: Config) -> None:
@@ -124,7 +157,7 @@ def _progress_line(report: dict[str, Any], started: float) -> str:
     step, total = report["step"], report["max_steps"]
     eta = (time.time() - started) / max(step, 1) * (total - step)
     parts = [f"step {step}/{total}", f"loss {report['train_loss']:.3f}"]
-    for key in (M.VAL_PPL, M.VAL_BPC, M.VAL_ACC):
+    for key in (M.VAL_PPL, M.VAL_BPC, M.VAL_ACC, M.VAL_F1):
         if key in report:
             parts.append(f"{key} {report[key]:.3f}")
     if M.TOKENS_PER_S in report:
@@ -190,6 +223,11 @@ def run_training(cfg: Config, job: str, run_name: str | None = None, parent_run_
     checkpoint = None
     if result.checkpoint is not None:
         checkpoint = result.checkpoint.path if storage.filesystem is None else f"s3://{result.checkpoint.path}"
+        if cfg.storage.export_path:
+            from rmt_dist.train.export import export_checkpoint
+
+            with result.checkpoint.as_directory() as directory:
+                export_checkpoint(cfg, Path(directory), cfg.storage.export_path)
     summary = RunSummary(metrics=dict(result.metrics or {}), checkpoint=checkpoint, mlflow_run_id=run_id,
                          run_name=run_name, storage=storage.uri)
     if run_id:
@@ -201,7 +239,7 @@ def run_training(cfg: Config, job: str, run_name: str | None = None, parent_run_
 
 
 def summary_line(summary: RunSummary) -> str:
-    shown = [f"{k}={summary.metrics[k]:.4g}" for k in (M.VAL_LOSS, M.VAL_PPL, M.VAL_BPC, M.VAL_ACC)
+    shown = [f"{k}={summary.metrics[k]:.4g}" for k in (M.VAL_LOSS, M.VAL_PPL, M.VAL_BPC, M.VAL_ACC, M.VAL_F1)
              if k in summary.metrics]
     return (f"done: {' '.join(shown) or 'no validation metrics'} | checkpoint: {redact(str(summary.checkpoint))} | "
             f"mlflow run: {summary.mlflow_run_id}")

@@ -96,6 +96,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     memory_state_bytes = engine.module.state_bytes_per_sequence(next(engine.module.parameters()).dtype)
     interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
     while step < cfg.train.max_steps:
+        if workload.curriculum:
+            workload.curriculum.update(step)  # a schedule counts completed steps
         engine.train()
         stats = workload.train_step(engine, backward)
         if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
@@ -119,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - interval_start
         tokens_per_s = workload.tokens_per_step * world * steps_in_interval / max(elapsed, 1e-9)
         engine.eval()
-        val_loss, val_n, val_correct = _all_sum(list(workload.evaluate(engine)), device)
+        val_loss, val_n, val_correct, *counts = _all_sum(list(workload.evaluate(engine)), device)
         report = {
             M.STEP: step,
             M.TRAIN_LOSS: interval_loss / max(interval_tokens, 1),
@@ -128,8 +130,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             M.MEMORY_STATE_BYTES: memory_state_bytes,
             **M.validation_metrics(val_loss, int(val_n), int(val_correct), workload.metric),
         }
+        if counts:
+            report.update(workload.extra_metrics(counts))
+        if workload.curriculum:  # the segments evaluated at; a passed threshold adds one for the next steps
+            report[M.SEGMENTS] = workload.curriculum.segments
+            workload.curriculum.update(step, report.get(M.VAL_ACC))
         if peak_flops:
-            report[M.MFU] = M.mfu(tokens_per_s / world, n_params, cfg.model.n_layers, cfg.model.d_model,
+            report[M.MFU] = M.mfu(tokens_per_s / world, n_params, model.backbone.n_layers, model.backbone.d_model,
                                   cfg.data.segment_len, peak_flops)
         stream = getattr(workload, "stream_state", None)
         trainer_state = checkpoint.TrainerState(

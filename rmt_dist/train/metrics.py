@@ -17,6 +17,8 @@ VAL_LOSS = "val_loss"
 VAL_PPL = "val_ppl"
 VAL_BPC = "val_bpc"
 VAL_ACC = "val_acc"
+VAL_F1 = "val_f1"  # classification: macro F1 over the classes
+SEGMENTS = "segments"  # with train.curriculum: segments per sample in the interval reported
 TOKENS_PER_S = "tokens_per_s"
 PEAK_MEM_BYTES = "peak_mem_bytes"
 MEMORY_STATE_BYTES = "memory_state_bytes"
@@ -82,3 +84,10 @@ def validation_metrics(loss_sum: float, n_tokens: int, correct: int, metric: str
 def mfu(tokens_per_s: float, n_params: int, n_layers: int, d_model: int, context: int, peak_flops: float) -> float:
     """Model FLOPs utilisation: (6N + 12 L d T) FLOPs per token (PaLM appendix B) over the device peak."""
     return tokens_per_s * (6 * n_params + 12 * n_layers * d_model * context) / peak_flops
+
+
+def macro_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> float:
+    """Mean over classes of 2TP / (2TP + FP + FN); a class never predicted nor present counts as 1."""
+    denominator = 2 * tp + fp + fn
+    per_class = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.ones_like(tp))
+    return float(per_class.mean())

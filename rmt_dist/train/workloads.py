@@ -1,8 +1,9 @@
 """What a worker trains on: LM streams (memory carried across steps) or task samples (memory reset).
 
 ``model`` below is the DeepSpeed engine (or a bare MemoryModel in tests): the recurrence calls it.
-Both expose the same small surface to the loop: ``vocab_size``, ``metric``, ``tokens_per_step``,
-``train_step(model, backward)``, ``evaluate(model)``, ``position()`` / ``restore(...)``.
+All expose the same small surface to the loop: ``vocab_size``, ``metric``, ``tokens_per_step``,
+``curriculum`` (sample workloads; None for streams), ``train_step(model, backward)``, ``evaluate(model)``
+(loss, tokens, correct, then any counts ``extra_metrics`` turns into metrics), ``position()`` / ``restore(...)``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from typing import Any, Iterator
 
 import torch
 
-from rmt_dist.config import Config
+from rmt_dist.config import Config, apply_overrides
 from rmt_dist.data import LMStreams, load_lm_corpus, load_task_splits, task_batches
-from rmt_dist.model import MemoryModel, Segment, StepStats, StreamState, evaluate_segments, split_segments, \
-    stream_train_step, train_segments
+from rmt_dist.data.classify import IGNORE_INDEX, last_label_only, load_classify_splits
+from rmt_dist.data.corpus import hf_tokenizer
+from rmt_dist.model import MemoryModel, Segment, StepStats, StreamState, evaluate_segments, forward_segments, \
+    split_segments, stream_train_step, train_segments
 from rmt_dist.model.recurrence import Backward
+from rmt_dist.train import metrics as M
+from rmt_dist.train.curriculum import Curriculum
 
 
 def _to(segments: list[Segment], device: torch.device) -> list[Segment]:
@@ -31,7 +36,7 @@ class LMWorkload:
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        corpus = load_lm_corpus(cfg.data)
+        corpus = load_lm_corpus(cfg.data, hf_tokenizer(cfg))
         self.vocab_size = corpus.vocab_size
         self.metric = corpus.metric
         self._valid = corpus.valid
@@ -40,6 +45,7 @@ class LMWorkload:
         self._windows: Iterator[list[Segment]] = iter(self.streams)
         self.stream_state = StreamState()
         self.tokens_per_step = cfg.train.batch_size * d.segment_len * d.num_segments
+        self.curriculum = None
 
     def train_step(self, model: MemoryModel, backward: Backward) -> StepStats:
         window = _to(next(self._windows), self.device)
@@ -71,17 +77,43 @@ class LMWorkload:
 
 
 class TaskWorkload:
-    """Samples of K segments, memory reset per sample; accuracy over the target tokens."""
+    """Samples of K segments, memory reset per sample; accuracy over the target tokens. With a curriculum
+    (retrieval tasks) a stage of k < K segments trains on the same task made k segments long."""
 
     metric = "acc"
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        self.splits = load_task_splits(cfg.data)
-        self.vocab_size = self.splits.vocab_size
-        self.tokens_per_step = cfg.train.batch_size * self.splits.sample_len
+        self.curriculum = Curriculum(cfg)
+        self._stage = self.curriculum.segments
+        self.splits = self._load(self._stage)
+        self.vocab_size = self.num_classes()
         self.epoch, self.batch_index = 0, 0
         self._batches = self._epoch_batches()
+
+    def _load(self, segments: int) -> Any:
+        d = self.cfg.data
+        if segments == d.num_segments:
+            return load_task_splits(d)
+        shorter = d.task_length - (d.num_segments - segments) * d.segment_len  # retrieval: source chars
+        return load_task_splits(apply_overrides(self.cfg, {"data.num_segments": segments,
+                                                           "data.task_length": shorter}).data)
+
+    def num_classes(self) -> int:
+        return self.splits.vocab_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.curriculum.segments * self.cfg.data.segment_len
+
+    def _follow_curriculum(self) -> None:
+        if self._stage != self.curriculum.segments:
+            self._stage = self.curriculum.segments
+            self.splits = self._load(self._stage)
+            self._batches = self._epoch_batches()
+
+    def _segments(self, ids: torch.Tensor, labels: torch.Tensor) -> list[Segment]:
+        return _to(split_segments(ids, labels, self.cfg.data.segment_len), self.device)
 
     def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return task_batches(self.splits.train, self.cfg.train.batch_size, self.world, self.rank, epoch=self.epoch,
@@ -98,33 +130,84 @@ class TaskWorkload:
         return batch
 
     def train_step(self, model: MemoryModel, backward: Backward) -> StepStats:
-        ids, labels = self._next_batch()
-        segments = _to(split_segments(ids, labels, self.cfg.data.segment_len), self.device)
+        self._follow_curriculum()
+        segments = self._segments(*self._next_batch())
         mem = self.cfg.memory
         return train_segments(model, segments, None, bptt_unroll=mem.bptt_unroll, bptt_mode=mem.bptt_mode,
                               replay=mem.replay_backprop, backward=backward)
 
-    def evaluate(self, model: MemoryModel) -> tuple[float, int, int]:
-        loss, n, correct = 0.0, 0, 0
+    def _valid_batches(self) -> Iterator[list[Segment]]:
+        self._follow_curriculum()
         batches = task_batches(self.splits.valid, self.cfg.train.batch_size, self.world, self.rank, epoch=0,
                                shuffle=False)
         for i, (ids, labels) in enumerate(batches):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
-            segments = _to(split_segments(ids, labels, self.cfg.data.segment_len), self.device)
+            yield self._segments(ids, labels)
+
+    def evaluate(self, model: MemoryModel) -> tuple[float, ...]:
+        loss, n, correct = 0.0, 0, 0
+        for segments in self._valid_batches():
             b_loss, b_n, b_correct, _ = evaluate_segments(model, segments)
             loss, n, correct = loss + b_loss, n + b_n, correct + b_correct
         return loss, n, correct
 
+    def extra_metrics(self, counts: list[float]) -> dict[str, float]:
+        return {}
+
     def position(self) -> Any:
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "segments": self.curriculum.segments}
 
     def restore(self, position: Any, stream: StreamState | None) -> None:
         self.epoch, self.batch_index = position["epoch"], position["batch_index"]
-        self._batches = self._epoch_batches()
+        self.curriculum.segments = position.get("segments", self.curriculum.segments)
+        self._stage = -1  # reload for the restored stage
+        self._follow_curriculum()
+
+
+class ClassifyWorkload(TaskWorkload):
+    """Long documents, one class each (``data/classify.py``); a curriculum stage reads the first k
+    segments of each document. Validation adds macro F1 over the classes."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
+        self._documents = load_classify_splits(cfg.data, cfg.model.hf_name_or_path)
+        super().__init__(cfg, rank, world, device)
+
+    def _load(self, segments: int) -> Any:
+        return self._documents
+
+    def num_classes(self) -> int:
+        return self.splits.num_classes
+
+    def _segments(self, ids: torch.Tensor, labels: torch.Tensor) -> list[Segment]:
+        used = self.curriculum.segments * self.cfg.data.segment_len
+        return super()._segments(ids[:, :used], last_label_only(labels[:, :used]))
+
+    def evaluate(self, model: MemoryModel) -> tuple[float, ...]:
+        """loss, labelled documents, correct, then per class: true positives, false positives, false negatives."""
+        C = self.num_classes()
+        loss, n, correct = 0.0, 0, 0
+        tp, fp, fn = torch.zeros(C), torch.zeros(C), torch.zeros(C)
+        with torch.no_grad():
+            for segments in self._valid_batches():
+                outputs, _ = forward_segments(model, segments)
+                for out, (_, labels) in zip(outputs, segments):
+                    marked = labels != IGNORE_INDEX
+                    truth, pred = labels[marked].cpu(), out.logits[marked].argmax(-1).cpu()
+                    loss, n, correct = loss + out.loss_sum.item(), n + len(truth), correct + int((pred == truth).sum())
+                    tp += torch.bincount(truth[pred == truth], minlength=C)
+                    fp += torch.bincount(pred[pred != truth], minlength=C)
+                    fn += torch.bincount(truth[pred != truth], minlength=C)
+        return (loss, n, correct, *tp.tolist(), *fp.tolist(), *fn.tolist())
+
+    def extra_metrics(self, counts: list[float]) -> dict[str, float]:
+        tp, fp, fn = torch.tensor(counts).view(3, -1)
+        return {M.VAL_F1: M.macro_f1(tp, fp, fn)}
 
 
 def make_workload(cfg: Config, rank: int, world: int, device: torch.device) -> LMWorkload | TaskWorkload:
+    if cfg.data.dataset == "classify":
+        return ClassifyWorkload(cfg, rank, world, device)
     if cfg.data.dataset == "task":
         return TaskWorkload(cfg, rank, world, device)
     return LMWorkload(cfg, rank, world, device)

@@ -1,0 +1,91 @@
+"""model.backbone=hf through the whole service: real Ray Train workers, DeepSpeed ZeRO-3, MLflow server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rmt_dist
+from rmt_dist.config import Config, apply_overrides, from_flat
+from rmt_dist.data import LMStreams, load_lm_corpus
+from rmt_dist.model import StreamState, build_model, from_pretrained, stream_train_step
+from rmt_dist.presets import PRESETS
+from rmt_dist.train.driver import run_training
+from rmt_dist.train.export import consolidated_state_dict
+
+from hf_tiny import bert_dir, gpt2_dir
+from test_train_distributed import mlflow_history
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf")
+
+
+def reference_sgd_step(cfg: Config, world: int) -> dict[str, torch.Tensor]:
+    """Weights after one plain-PyTorch SGD step from the pretrained weights on the mean gradient of what
+    each rank sees at step 1."""
+    corpus = load_lm_corpus(cfg.data, cfg.model.hf_name_or_path)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, corpus.vocab_size)
+    d = cfg.data
+    for rank in range(world):
+        window = next(iter(LMStreams(corpus.train, cfg.train.batch_size, world, rank, d.segment_len, d.num_segments)))
+        stream_train_step(model, StreamState(), window, bptt_unroll=cfg.memory.bptt_unroll,
+                          bptt_mode=cfg.memory.bptt_mode, backward=lambda loss: (loss / world).backward())
+    with torch.no_grad():
+        return {name: (p - cfg.train.lr * p.grad).clone() for name, p in model.named_parameters()}
+
+
+def test_zero3_on_two_ray_workers_trains_gpt2_with_memory_resumes_and_exports(tmp_path, hf_root, data_cache,
+                                                                              ray_local, mlflow_server):
+    gpt2 = gpt2_dir(hf_root)
+    flat: dict[str, Any] = {
+        **PRESETS["finetune_lm"]["smoke"], "model.hf_name_or_path": gpt2, "data.cache_dir": data_cache,
+        "storage.path": str(tmp_path / "runs"), "storage.run_name": "gpt2-zero3", "storage.num_to_keep": 10,
+        "deepspeed.zero_stage": 3, "train.activation_checkpointing": True, "train.optimizer": "sgd",
+        "train.lr": 0.5, "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.grad_clip": 0.0,
+        "train.max_steps": 2, "train.eval_interval": 1, "train.eval_batches": 1, "data.segment_len": 16,
+        "data.num_segments": 2, "memory.num_tokens": 2, "memory.bptt_unroll": 1, "mlflow.tracking_uri": mlflow_server}
+    first = run_training(from_flat(flat), "test_hf_zero3")
+    assert first.metrics["step"] == 2
+
+    # The pretrained weights were loaded into the sharded model: ZeRO-3's step 1 is the single-process step.
+    from ray.train.v2.api.result import Result
+
+    run = Result.from_path(str(Path(first.storage) / "gpt2-zero3"))
+    step1 = next(ckpt for ckpt, m in run.best_checkpoints if m["step"] == 1)
+    got = consolidated_state_dict(Path(step1.path), zero_stage=3)
+    cfg = apply_overrides(from_flat(flat), {"model.vocab_size": first_vocab(flat)})
+    want = reference_sgd_step(cfg, world=2)
+    assert set(want) <= set(got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    export = tmp_path / "export"
+    second = run_training(from_flat({**flat, "train.max_steps": 4, "storage.export_path": str(export)}), "test_hf_zero3")
+    assert second.metrics["step"] == 4
+    resumed = mlflow_history(mlflow_server, second.mlflow_run_id, "train_loss")
+    assert list(resumed) == [3, 4], "the second run must resume at step 3, not start over"
+    val = {**mlflow_history(mlflow_server, first.mlflow_run_id, "val_loss"),
+           **mlflow_history(mlflow_server, second.mlflow_run_id, "val_loss")}
+    assert val[4] < val[1], val
+
+    model, exported_cfg = from_pretrained(export)
+    assert (exported_cfg.memory.kind, exported_cfg.memory.num_tokens, exported_cfg.data.segment_len) == ("rmt", 2, 16)
+    final = consolidated_state_dict(Path(second.checkpoint), zero_stage=3)
+    torch.testing.assert_close(model.memory_init.weight, final["memory_init.weight"])
+    prompt = torch.randint(1, 300, (1, 20))
+    assert rmt_dist.generate(model, prompt, segment_len=16, max_new_tokens=5).shape == (1, 25)
+
+
+def first_vocab(flat: dict[str, Any]) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(flat["model.hf_name_or_path"]))
