@@ -89,3 +89,31 @@ def first_vocab(flat: dict[str, Any]) -> int:
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(flat["model.hf_name_or_path"]))
+
+
+def test_classify_long_job_end_to_end_logs_accuracy_f1_and_the_curriculum(tmp_path, hf_root, data_cache, ray_local,
+                                                                          mlflow_server, capsys):
+    import mlflow
+
+    from rmt_dist.cli import run_job
+    from test_hf_data import write_documents
+
+    write_documents(tmp_path / "docs.jsonl", 60)
+    argv = ["--preset", "smoke", "--model.hf_name_or_path", bert_dir(hf_root), "--data.path", str(tmp_path / "docs.jsonl"),
+            "--data.cache_dir", data_cache, "--data.segment_len", "16", "--data.num_segments", "3",
+            "--memory.num_tokens", "2", "--train.max_steps", "4", "--train.eval_interval", "2",
+            "--train.curriculum", "steps:2", "--storage.path", str(tmp_path / "runs"),
+            "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "test_classify_long"]
+    assert run_job("classify_long", PRESETS["classify_long"], argv) == 0
+    out = capsys.readouterr().out
+    assert "val_acc=" in out and "val_f1=" in out, out
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("test_classify_long").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    for key in ("val_acc", "val_f1"):
+        history = mlflow_history(mlflow_server, run.info.run_id, key)
+        assert list(history) == [2, 4] and all(0.0 <= v <= 1.0 for v in history.values()), (key, history)
+    # 1 segment for steps 1-2, then 2 (the schedule), evaluated at the segments trained on
+    assert mlflow_history(mlflow_server, run.info.run_id, "segments") == {2: 1.0, 4: 2.0}
+    assert run.data.params["train.curriculum"] == "steps:2" and run.data.params["data.dataset"] == "classify"

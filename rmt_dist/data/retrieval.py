@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from rmt_dist.data.errors import DataError
+
 CHARS = string.ascii_lowercase + " .?"
 NAMES = ("mary", "john", "sandra", "daniel")
 PLACES = ("kitchen", "garden", "office", "hallway", "bathroom", "bedroom")
@@ -47,8 +49,18 @@ def _distractor(rng: np.random.Generator, n_chars: int) -> str:
     return " ".join(parts)[:n_chars]
 
 
+def min_length(variant: str) -> int:
+    """The shortest text of a variant: its longest facts and question without distractor."""
+    name, place, thing = (max(words, key=len) for words in (NAMES, PLACES, OBJECTS))
+    facts = len(f"{name} went to the {place}. ") + (len(f"{name} picked up the {thing}. ") if variant == "two" else 0)
+    return facts + len(f" where is the {thing}?" if variant == "two" else f" where is {name}?")
+
+
 def retrieval_sample(rng: np.random.Generator, variant: str, length: int) -> tuple[str, str]:
     """(text of ``length`` characters ending in the question, the answer location)."""
+    if length < min_length(variant):
+        raise DataError(f"data.task_length must be >= {min_length(variant)} for data.task=retrieval_{variant} "
+                        f"(the facts and the question), got {length}")
     name, place = NAMES[rng.integers(len(NAMES))], PLACES[rng.integers(len(PLACES))]
     facts = [f"{name} went to the {place}."]
     question = f" where is {name}?"
