@@ -164,3 +164,27 @@ def test_hf_config_errors_are_one_line(flat, message):
     cfg = from_flat({"model.backbone": "hf", "model.hf_name_or_path": "gpt2", **flat})
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+@pytest.mark.parametrize("job, which, flat, message", [
+    ("finetune_lm", "bert", {}, "model.hf_name_or_path must be a causal LM for data.dataset=smoke"),
+    ("classify_long", "gpt2", {"data.path": "docs.jsonl"}, "model.hf_name_or_path must be an encoder"),
+    ("finetune_lm", "missing", {}, "model.hf_name_or_path must be a Hugging Face model"),
+    ("finetune_lm", "gpt2", {"memory.kind": "xl"}, "memory.kind must be one of none, memtr, rmt for model.backbone=hf"),
+    ("finetune_lm", "gpt2", {"storage.export_path": "s3://b/x"}, "storage.export_path must be a local directory"),
+])
+def test_jobs_refuse_a_model_that_does_not_fit_before_any_worker_starts(gpt2, bert, tmp_path, capsys, job, which,
+                                                                       flat, message):
+    from rmt_dist.cli import run_job
+    from rmt_dist.presets import PRESETS
+
+    path = {"gpt2": gpt2, "bert": bert, "missing": str(tmp_path / "nothing")}[which]
+    argv = ["--model.hf_name_or_path", path, "--storage.path", str(tmp_path / "runs"),
+            "--data.cache_dir", str(tmp_path / "cache")]
+    for key, value in flat.items():
+        argv += [f"--{key}", str(tmp_path / value) if key == "data.path" else value]
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(job, PRESETS[job], argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err

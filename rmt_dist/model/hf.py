@@ -124,7 +124,8 @@ def load_backbone(name_or_path: str, *, num_classes: int = 0, activation_checkpo
     causal = is_causal_lm(name_or_path)
     if not causal and num_classes < 1:
         raise ValueError(f"{name_or_path} is an encoder: it needs the number of classes (model.vocab_size)")
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name_or_path)
+    # fp32 master weights whatever the checkpoint's dtype: DeepSpeed's bf16 mode casts and keeps fp32 copies.
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name_or_path, dtype=torch.float32)
     return HFBackbone(model, is_encoder=not causal, out_size=num_classes,
                       activation_checkpointing=activation_checkpointing)
 
