@@ -47,3 +47,18 @@ def bert_dir(root: Path) -> str:
         BertModel(config).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return str(out)
+
+
+def llama_dir(root: Path) -> str:
+    """Llama (rotary positions, RMSNorm, grouped-query attention), d 32, 2 layers, GPT-2's tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = root / "llama-tiny"
+    if not (out / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(gpt2_dir(root))
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return str(out)

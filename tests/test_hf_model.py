@@ -13,12 +13,17 @@ from rmt_dist.config import ConfigError, from_flat, validate
 from rmt_dist.model import (PAD_ID, build_model, forward_segments, from_pretrained, save_pretrained,
                             split_segments, train_segments)
 
-from hf_tiny import bert_dir, gpt2_dir
+from hf_tiny import bert_dir, gpt2_dir, llama_dir
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
     return gpt2_dir(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return llama_dir(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +38,15 @@ def hf_model(path: str, kind: str = "rmt", num_tokens: int = 3, classes: int = 0
 
 
 @pytest.mark.parametrize("kind", ["none", "memtr"])
-def test_zero_memory_tokens_one_segment_equals_bare_hf_model(gpt2, bert, kind):
+def test_zero_memory_tokens_one_segment_equals_bare_hf_model(gpt2, llama, bert, kind):
     from transformers import AutoModel, AutoModelForCausalLM
 
     ids = torch.randint(1, 300, (2, 12))
-    model, _ = hf_model(gpt2, kind, num_tokens=0)
-    out = model(ids, ids, model.init_state())
-    bare = AutoModelForCausalLM.from_pretrained(gpt2).eval()
-    torch.testing.assert_close(out.logits, bare(input_ids=ids).logits, rtol=0, atol=0)
+    for path in (gpt2, llama):
+        model, _ = hf_model(path, kind, num_tokens=0)
+        out = model(ids, ids, model.init_state())
+        bare = AutoModelForCausalLM.from_pretrained(path).eval()
+        torch.testing.assert_close(out.logits, bare(input_ids=ids).logits, rtol=0, atol=0)
 
     model, _ = hf_model(bert, kind, num_tokens=0, classes=2)
     h, _ = model.backbone(model.backbone.embed_tokens(ids))
@@ -49,8 +55,9 @@ def test_zero_memory_tokens_one_segment_equals_bare_hf_model(gpt2, bert, kind):
     torch.testing.assert_close(model(ids, None, model.init_state()).logits, model.backbone.logits(h))
 
 
-def test_causal_rmt_has_no_leakage_within_or_across_segments(gpt2):
-    model, _ = hf_model(gpt2, "rmt", num_tokens=3)
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_causal_rmt_has_no_leakage_within_or_across_segments(gpt2, llama, which):
+    model, _ = hf_model(gpt2 if which == "gpt2" else llama, "rmt", num_tokens=3)
     ids = torch.randint(1, 300, (1, 16))
     outputs, _ = forward_segments(model, split_segments(ids, ids, 8))
     base = torch.cat([o.logits for o in outputs], dim=1)  # [1, 16, V]
@@ -86,9 +93,9 @@ def test_memory_carries_information_to_the_next_segment(gpt2, bert, which):
     assert emb.grad[first_only].abs().sum() > 0
 
 
-@pytest.mark.parametrize("which", ["gpt2", "bert"])
-def test_padding_never_changes_a_samples_memory_and_empty_segments_keep_it(gpt2, bert, which):
-    path, classes = (gpt2, 0) if which == "gpt2" else (bert, 2)
+@pytest.mark.parametrize("which", ["gpt2", "llama", "bert"])
+def test_padding_never_changes_a_samples_memory_and_empty_segments_keep_it(gpt2, llama, bert, which):
+    path, classes = {"gpt2": (gpt2, 0), "llama": (llama, 0), "bert": (bert, 2)}[which]
     model, _ = hf_model(path, "rmt", classes=classes)
     long, short = torch.randint(1, 300, (1, 24)), torch.randint(1, 300, (1, 9))
     batch = torch.cat([long, torch.cat([short, torch.full((1, 15), PAD_ID)], dim=1)])  # segments 8: short ends in seg 2
@@ -140,8 +147,9 @@ def test_save_pretrained_and_from_pretrained_round_trip(gpt2, bert, tmp_path):
         torch.testing.assert_close(forward_segments(loaded, segments)[0][-1].logits, want)
 
 
-def test_generate_with_memory_and_cache_matches_greedy_full_forward(gpt2):
-    model, _ = hf_model(gpt2, "rmt", num_tokens=2)
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_generate_with_memory_and_cache_matches_greedy_full_forward(gpt2, llama, which):
+    model, _ = hf_model(gpt2 if which == "gpt2" else llama, "rmt", num_tokens=2)
     prompt = torch.randint(1, 300, (2, 13))
     got = rmt_dist.generate(model, prompt, segment_len=5, max_new_tokens=9)  # crosses two segment ends
     assert got.shape == (2, 22) and torch.equal(got[:, :13], prompt)
