@@ -2,7 +2,8 @@
 
 The weights come from the checkpoint's DeepSpeed files, consolidated over every rank's ZeRO shards
 (``zero_to_fp32``; stage 0 keeps the whole module in one file), so an export after ZeRO-3 training holds
-the full model. The directory is what ``rmt_dist.model.save_pretrained`` writes, with the tokenizer.
+the full model. The directory is what ``rmt_dist.model.save_pretrained`` writes, with the tokenizer (and, for
+classification, the class names as the config's ``id2label``).
 """
 
 from __future__ import annotations
@@ -29,5 +30,11 @@ def export_checkpoint(cfg: Config, checkpoint_dir: Path, out: str | Path) -> Non
 
     model = build_model(cfg, cfg.model.vocab_size)
     model.load_state_dict(consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage))
+    if cfg.data.dataset == "classify":  # the class names, where Hugging Face keeps them
+        from rmt_dist.data.classify import load_classify_splits
+
+        classes = load_classify_splits(cfg.data, cfg.model.hf_name_or_path).classes
+        model.backbone.hf.config.id2label = dict(enumerate(classes))
+        model.backbone.hf.config.label2id = {c: i for i, c in enumerate(classes)}
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_name_or_path)
     save_pretrained(model, out, cfg, tokenizer)
