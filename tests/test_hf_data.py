@@ -146,3 +146,17 @@ def test_retrieval_curriculum_stage_is_the_same_task_made_shorter(tmp_path):
     workload._follow_curriculum()
     assert workload.splits.sample_len == 128 and workload.position()["segments"] == 2
     assert workload.splits.sample_len == load_task_splits(cfg.data).sample_len - 64
+
+
+def test_a_sweep_over_classify_long_is_validated_and_prepared_before_ray(tmp_path):
+    from rmt_dist.tune import parse_sweep_args, prepare, trial_config
+
+    bert = bert_dir(tmp_path)
+    write_documents(tmp_path / "docs.jsonl", 30)
+    spec = parse_sweep_args(["--job", "classify_long", "--search", "memory.num_tokens=0,2",
+                             "--model.hf_name_or_path", bert, "--data.path", str(tmp_path / "docs.jsonl"),
+                             "--data.cache_dir", str(tmp_path / "cache"), "--storage.path", str(tmp_path / "runs")])
+    assert (spec.metric, spec.mode, spec.num_trials) == ("val_acc", "max", 2)
+    prepare(spec)  # loads the model's config and tokenizes the documents once
+    kinds = [trial_config(spec.base, {"point": p}).memory.kind for p in spec.points]
+    assert kinds == ["none", "rmt"] and (tmp_path / "cache" / "classify").is_dir()
