@@ -215,3 +215,31 @@ def test_checkpoint_round_trip_keeps_the_ltm(tmp_path) -> None:
         assert torch.equal(a, b)
     old = _state_from_dict({"memory": None, "xl": None})  # written before kind=infinite
     assert old == MemoryState()
+
+
+@pytest.mark.slow
+def test_sort_task_trains_through_the_job_on_ray_workers(tmp_path, data_cache, ray_local, mlflow_server) -> None:
+    """jobs/algorithmic.py --task sort --memory.kind infinite: 2 Ray workers, DeepSpeed ZeRO-2, MLflow;
+    the loss falls and memory_state_bytes is the LTM's coefficients (constant in length)."""
+    import mlflow
+
+    from rmt_dist.config import from_flat
+    from rmt_dist.presets import PRESETS
+    from rmt_dist.train.driver import run_training
+
+    cfg = from_flat({**PRESETS["algorithmic"]["smoke"], "data.task": "sort", "memory.kind": "infinite",
+                     "data.task_length": 40, "data.segment_len": 16, "data.num_segments": 4,
+                     "data.num_train": 2000, "data.num_valid": 64, "data.num_test": 64, "data.cache_dir": data_cache,
+                     "train.max_steps": 40, "train.eval_interval": 20, "storage.path": str(tmp_path / "runs"),
+                     "mlflow.tracking_uri": mlflow_server, "mlflow.experiment": "sort"})
+    result = run_training(cfg, "algorithmic", run_name="sort_infinite")
+    assert result.metrics["step"] == 40 and 0.0 <= result.metrics["val_acc"] <= 1.0
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name("sort").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["data.task"] == "sort"
+    by_step = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    losses = [by_step[s] for s in sorted(by_step)]
+    assert sorted(by_step) == list(range(1, 41)) and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    d, layers, basis = cfg.model.d_model, cfg.model.n_layers, cfg.memory.ltm_basis
+    assert run.data.metrics["memory_state_bytes"] == basis * layers * d * 4  # fp32 coefficients, one sequence
