@@ -1,10 +1,12 @@
-"""Activation checkpointing: peak memory and tokens/s of the same training step with and without it,
+"""Activation checkpointing: peak memory and tokens/s of the same training step without it, recomputing
+whole blocks (train.recompute=all) and recomputing only elementwise ops (train.recompute=elementwise),
 interleaved in one run.
 
     python bench/checkpointing.py --kind rmt --segments 8 --segment-len 256 --bptt-unroll -1 --repeats 3 --threads 2
 
-Checkpointing keeps only each block's input and recomputes the block in backward: memory should fall
-to a fraction (about 1 / activations-per-block), time rise by about one forward pass (~1.3x).
+``all`` keeps only each block's input and recomputes the block in backward: memory should fall to a
+fraction, time rise by about one forward pass (~1.3x). ``elementwise`` keeps the matmul and attention
+outputs and recomputes norms, GELU and rotary: part of the memory saving for a small part of the time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import statistics
 import torch
 
 from common import Runner, model_config
+
+MODES = ("off", "all", "elementwise")  # no checkpointing, then train.recompute's values
 
 
 def main() -> None:
@@ -38,29 +42,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    runners = {
-        checkpointing: Runner(model_config(kind=args.kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
-                                           segment_len=args.segment_len, segments=args.segments,
-                                           num_tokens=args.num_tokens, xl_len=args.xl_len, bptt_unroll=args.bptt_unroll,
-                                           activation_checkpointing=checkpointing),
-                              batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
-        for checkpointing in (False, True)
-    }
+    runners = {}
+    for mode in MODES:
+        cfg = model_config(kind=args.kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                           segment_len=args.segment_len, segments=args.segments, num_tokens=args.num_tokens,
+                           xl_len=args.xl_len, bptt_unroll=args.bptt_unroll, activation_checkpointing=mode != "off")
+        cfg.train.recompute = "all" if mode == "off" else mode
+        runners[mode] = Runner(cfg, batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
     print(f"device {device}, {torch.get_num_threads()} threads; {args.kind}, d_model {args.d_model}, {args.layers} "
           f"layers, batch {args.batch}, {args.segments} x {args.segment_len} tokens, BPTT {args.bptt_unroll}", flush=True)
     for runner in runners.values():
         runner.step()
-    seconds: dict[bool, list[float]] = {False: [], True: []}
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(args.repeats):
-        for checkpointing in ((False, True) if r % 2 == 0 else (True, False)):
-            seconds[checkpointing].append(runners[checkpointing].seconds(1))
-    peaks = {checkpointing: runner.peak_bytes() for checkpointing, runner in runners.items()}
-    for checkpointing, runner in runners.items():
-        t = statistics.median(seconds[checkpointing])
-        print(f"checkpointing {'on ' if checkpointing else 'off'}: {runner.tokens / t:9,.0f} tok/s  "
-              f"peak {peaks[checkpointing] / 2**20:8.1f} MiB")
-    print(f"on/off: step time {statistics.median(seconds[True]) / statistics.median(seconds[False]):.2f}x, "
-          f"peak memory {peaks[True] / peaks[False]:.2f}x")
+        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            seconds[mode].append(runners[mode].seconds(1))
+    peaks = {mode: runner.peak_bytes() for mode, runner in runners.items()}
+    for mode, runner in runners.items():
+        t = statistics.median(seconds[mode])
+        print(f"{mode:11s} {runner.tokens / t:9,.0f} tok/s  peak {peaks[mode] / 2**20:8.1f} MiB")
+    for mode in MODES[1:]:
+        print(f"{mode}/off: step time {statistics.median(seconds[mode]) / statistics.median(seconds['off']):.2f}x, "
+              f"peak memory {peaks[mode] / peaks['off']:.2f}x")
 
 
 if __name__ == "__main__":
