@@ -20,6 +20,7 @@ interface: ``embed_tokens`` is the model's input embedding, ``forward`` runs the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,9 +142,21 @@ def build_hf_model(cfg: Config, vocab_size: int = 0) -> MemoryModel:
                          f"({model_vocab}), got {vocab_size}")
     model = MemoryModel(backbone, cfg.memory, vocab_size or model_vocab)
     if model.memory_init is not None:  # memory starts at the scale of the pretrained token embeddings
-        with torch.no_grad():
-            model.memory_init.weight.normal_(0.0, float(backbone.hf.get_input_embeddings().weight.std()))
+        embeddings = backbone.hf.get_input_embeddings().weight
+        with torch.no_grad(), _gathered(embeddings):
+            model.memory_init.weight.normal_(0.0, float(embeddings.std()))
     return model
+
+
+def _gathered(weight: Tensor) -> contextlib.AbstractContextManager:
+    """The whole weight inside the block, also when ZeRO-3 partitioned it at load (``train/engine.py``)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight])
 
 
 MEMORY_CONFIG = "rmt_memory.json"

@@ -9,9 +9,10 @@ all but the last backward's gradients under ZeRO-3 here (DeepSpeed 0.19.8), so i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -71,6 +72,27 @@ def lr_lambda(cfg: Config):
         return 1.0
 
     return factor
+
+
+@contextlib.contextmanager
+def model_loading(cfg: Config) -> Iterator[None]:
+    """Build the model and its engine inside this. Under ZeRO-3 a pretrained Hugging Face model is then
+    partitioned while it loads (transformers' ``HfDeepSpeedConfig`` makes ``from_pretrained`` construct it
+    under ``deepspeed.zero.Init`` and load each weight into its shards), so no worker holds it whole;
+    the parameters MemoryModel adds are partitioned by ``deepspeed.initialize``."""
+    if cfg.model.backbone != "hf" or cfg.deepspeed.zero_stage != 3:
+        yield
+        return
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(deepspeed_config(cfg))  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
 
 
 def build_engine(model: torch.nn.Module, cfg: Config):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from rmt_dist.config import Config, from_flat
 from rmt_dist.model import build_model
 from rmt_dist.train import checkpoint, metrics as M
-from rmt_dist.train.engine import build_engine, micro_step
+from rmt_dist.train.engine import build_engine, micro_step, model_loading
 from rmt_dist.train.workloads import make_workload, stream_to
 
 # Fault injection for the fault-tolerance tests: "STEP:RANK:MARKER_FILE" makes RANK exit hard at STEP,
@@ -65,8 +65,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     workload = make_workload(cfg, rank, world, device)
-    model = build_model(cfg, workload.vocab_size)
-    engine = build_engine(model, cfg)
+    with model_loading(cfg):
+        model = build_model(cfg, workload.vocab_size)
+        engine = build_engine(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     peak_flops = _peak_flops(device)
 
