@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with model_loading(cfg):
         model = build_model(cfg, workload.vocab_size)
         engine = build_engine(model, cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
     peak_flops = _peak_flops(device)
 
     step = 0
