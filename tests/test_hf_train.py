@@ -87,7 +87,7 @@ def first_vocab(flat: dict[str, Any]) -> int:
     return len(AutoTokenizer.from_pretrained(flat["model.hf_name_or_path"]))
 
 
-def test_classify_long_job_end_to_end_logs_accuracy_f1_and_the_curriculum(tmp_path, hf_root, data_cache, ray_local,
+def test_classify_long_job_end_to_end_on_zero3_logs_accuracy_f1_and_the_curriculum(tmp_path, hf_root, data_cache, ray_local,
                                                                           mlflow_server, capsys):
     import mlflow
 
@@ -99,7 +99,7 @@ def test_classify_long_job_end_to_end_logs_accuracy_f1_and_the_curriculum(tmp_pa
             "--data.cache_dir", data_cache, "--data.segment_len", "16", "--data.num_segments", "3",
             "--memory.num_tokens", "2", "--train.max_steps", "4", "--train.eval_interval", "2",
             "--train.curriculum", "steps:2", "--storage.path", str(tmp_path / "runs"),
-            "--storage.export_path", str(tmp_path / "export"),
+            "--storage.export_path", str(tmp_path / "export"), "--deepspeed.zero_stage", "3",
             "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "test_classify_long"]
     assert run_job("classify_long", PRESETS["classify_long"], argv) == 0
     out = capsys.readouterr().out
@@ -115,7 +115,7 @@ def test_classify_long_job_end_to_end_logs_accuracy_f1_and_the_curriculum(tmp_pa
     assert mlflow_history(mlflow_server, run.info.run_id, "segments") == {2: 1.0, 4: 2.0}
     assert run.data.params["train.curriculum"] == "steps:2" and run.data.params["data.dataset"] == "classify"
 
-    model, cfg = from_pretrained(tmp_path / "export")  # ZeRO-2 shards consolidated, class names kept
+    model, cfg = from_pretrained(tmp_path / "export")  # ZeRO-3 shards consolidated, class names kept
     assert model.backbone.is_encoder and model.backbone.hf.config.id2label == {0: "center", 1: "left", 2: "right"}
-    final = consolidated_state_dict(Path(run.data.tags["final_checkpoint"]), zero_stage=2)
+    final = consolidated_state_dict(Path(run.data.tags["final_checkpoint"]), zero_stage=3)
     torch.testing.assert_close(model.backbone.head[2].weight, final["backbone.head.2.weight"])

@@ -61,6 +61,8 @@ class HFBackbone(nn.Module):
         self.n_heads = config.num_attention_heads
         self.head = None
         if is_encoder:
+            if getattr(model, "pooler", None) is not None:  # BERT/RoBERTa: BertModel skips a None pooler
+                model.pooler = None  # unused (the head reads every position): no parameter without a gradient
             self.head = nn.Sequential(nn.Linear(self.d_model, self.d_model), nn.Tanh(),
                                       nn.Linear(self.d_model, out_size))
             for layer in (self.head[0], self.head[2]):
