@@ -209,7 +209,7 @@ class MemoryModel(nn.Module):
         c = 0 if caches is None else caches[0].shape[1]
         read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
         write = m if kind in ("rmt", "rmt_xl") and not self.encoder_layout else 0
-        extra = {}
+        extra: dict[str, Tensor] = {}
         if padded:  # [B, T] False at padding; memory positions are always valid
             extra["valid"] = torch.cat([pad.new_zeros(B, read), pad, pad.new_zeros(B, write)], dim=1).logical_not()
         # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
