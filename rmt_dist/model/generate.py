@@ -10,6 +10,8 @@ model saw in training.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,7 @@ from rmt_dist.model.hf import HFBackbone
 from rmt_dist.model.memory import MemoryModel, MemoryState
 
 
-def _open_segment(model: MemoryModel, state: MemoryState, tokens: Tensor) -> tuple[Tensor, object, int]:
+def _open_segment(model: MemoryModel, state: MemoryState, tokens: Tensor) -> tuple[Tensor, Any, int]:
     """Prefill ``[read memory ; tokens]``: (logits of the last position [B, V], KV cache, next position)."""
     backbone: HFBackbone = model.backbone
     x = backbone.embed_tokens(tokens)  # [B, n, d]
@@ -26,7 +28,7 @@ def _open_segment(model: MemoryModel, state: MemoryState, tokens: Tensor) -> tup
     if read:
         memory = model.memory_init(x.shape[0]) if model.kind == "memtr" or state.memory is None else state.memory
         x = torch.cat([memory.to(x.dtype), x], dim=1)
-    mask = backbone._attention_mask(BlockCausal(read, 0) if read else None, x.shape[1], None, x.dtype)
+    mask = backbone.attention_mask(BlockCausal(read, 0) if read else None, x.shape[1], None, x.dtype)
     out = backbone.body(inputs_embeds=x, attention_mask=mask, use_cache=True)
     return _logits(model, out.last_hidden_state[:, -1]), out.cache, x.shape[1]
 

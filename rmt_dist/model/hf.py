@@ -80,7 +80,7 @@ class HFBackbone(nn.Module):
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.hf.get_input_embeddings()(input_ids)
 
-    def _attention_mask(self, mask: Mask, T: int, valid: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    def attention_mask(self, mask: Mask, T: int, valid: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """Causal LMs: [B or 1, 1, T, T] additive mask (0 = may attend); encoders: [B, T] padding mask;
         None for the model's own plain mask."""
         if self.is_encoder:  # bidirectional: the 2D padding mask, the form every encoder takes natively
@@ -113,7 +113,7 @@ class HFBackbone(nn.Module):
         if not self.is_encoder:  # the write block after padding keeps the positions it has unpadded
             extra["use_cache"] = False
             extra["position_ids"] = None if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-        out = self.body(inputs_embeds=x, attention_mask=self._attention_mask(mask, T, valid, x.dtype), **extra)
+        out = self.body(inputs_embeds=x, attention_mask=self.attention_mask(mask, T, valid, x.dtype), **extra)
         return out.last_hidden_state, None
 
     def logits(self, h: Tensor) -> Tensor:
