@@ -22,7 +22,7 @@ from hf_tiny import TEXT, bert_dir
 
 
 def write_documents(path: Path, n: int, seed: int = 0) -> None:
-    """JSONL documents of 5-60 lines of the smoke corpus; string labels."""
+    """JSONL documents of 1-11 lines of the smoke corpus (1-3 segments of 16); string labels."""
     rng = np.random.default_rng(seed)
     with path.open("w") as f:
         for i in range(n):
