@@ -268,6 +268,12 @@ def plot_tradeoff(records: Sequence[TrialRecord], mode: str, path: Path | str, t
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"{metric} against memory", fontsize=11)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path | str) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -299,11 +305,7 @@ def plot_curves(records: Sequence[TrialRecord], path: Path | str, title: str = "
     if any(r.curve for r in records):
         ax.legend(fontsize=7, ncol=2)
     ax.set_title(title or f"{metric} over training", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(records: Sequence[TrialRecord], mode: str, directory: Path | str, title: str = "") -> list[Path]:

@@ -47,6 +47,7 @@ class Probes:
         self.ids = [s[0] for s in segments]
         self.leaves = [torch.zeros(B, L, D, dtype=torch.float64, requires_grad=True) for _ in segments]
         self.handle = model.backbone.embed.register_forward_hook(self._hook)
+        self.reaches: list[list[bool]] = []  # one entry per call of ``backward``
 
     def index(self, ids: torch.Tensor) -> int:
         matches = [i for i, known in enumerate(self.ids) if known.shape == ids.shape and torch.equal(known, ids)]
@@ -62,6 +63,12 @@ class Probes:
     def reach(self, before: list[torch.Tensor]) -> list[bool]:
         """For each segment, whether the gradient added since ``before`` is non-zero (exactly zero = no reach)."""
         return [bool((after - b).abs().max() > 0) for after, b in zip(self.grads(), before)]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, recording which segments this call's gradient reached."""
+        before = self.grads()
+        loss.backward()
+        self.reaches.append(self.reach(before))
 
 
 def grads_of(model: MemoryModel) -> dict[str, torch.Tensor]:
@@ -179,16 +186,9 @@ def test_truncated_bptt_runs_the_same_forward_with_dropout(mode: str, k: int) ->
 def run_with_probes(model, segments, **kw) -> list[list[bool]]:
     """The reach of each backward call the recurrence makes."""
     probes = Probes(model, segments)
-    reaches: list[list[bool]] = []
-
-    def backward(loss: torch.Tensor) -> None:
-        before = probes.grads()
-        loss.backward()
-        reaches.append(probes.reach(before))
-
-    train_segments(model, segments, backward=backward, **kw)
+    train_segments(model, segments, backward=probes.backward, **kw)
     probes.handle.remove()
-    return reaches
+    return probes.reaches
 
 
 @pytest.mark.parametrize("kind", ("rmt", "rmt_xl"))
@@ -299,23 +299,16 @@ def test_stream_sliding_reaches_k_segments_into_the_previous_step(k: int) -> Non
     per_step, n = 3, 6
     segments = make_segments(n)
     probes = Probes(model, segments)
-    reaches: list[list[bool]] = []
-
-    def backward(loss: torch.Tensor) -> None:
-        before = probes.grads()
-        loss.backward()
-        reaches.append(probes.reach(before))
-
     stream = StreamState()
     states = []
     for step in range(n // per_step):
         stats, stream = stream_train_step(model, stream, segments[step * per_step:(step + 1) * per_step],
-                                          bptt_unroll=k, bptt_mode="sliding", backward=backward)
+                                          bptt_unroll=k, bptt_mode="sliding", backward=probes.backward)
         states.append(stats.state)
         assert len(stream.history) == k
     probes.handle.remove()
-    assert len(reaches) == n
-    for j, reach in enumerate(reaches):
+    assert len(probes.reaches) == n
+    for j, reach in enumerate(probes.reaches):
         assert reach == [max(0, j - k) <= i <= j for i in range(n)], (j, reach)
     # The memory carried across steps is the same as one uninterrupted pass.
     _, ref_state = forward_segments(model, segments)
@@ -327,19 +320,13 @@ def test_stream_without_history_carries_detached_memory(mode: str, k: int) -> No
     model = tiny("rmt")
     segments = make_segments(4)
     probes = Probes(model, segments)
-    reaches: list[list[bool]] = []
-
-    def backward(loss: torch.Tensor) -> None:
-        before = probes.grads()
-        loss.backward()
-        reaches.append(probes.reach(before))
-
     stream = StreamState()
     for step in range(2):
         stats, stream = stream_train_step(model, stream, segments[2 * step:2 * step + 2], bptt_unroll=k,
-                                          bptt_mode=mode, backward=backward)
+                                          bptt_mode=mode, backward=probes.backward)
         assert stream.history == [] and stream.state.memory is not None and not stream.state.memory.requires_grad
     probes.handle.remove()
+    reaches = probes.reaches
     assert not any(reach[:2] != [False, False] for reach in reaches[len(reaches) // 2:])  # step 2 never reaches step 1
     _, ref_state = forward_segments(model, segments)
     torch.testing.assert_close(stream.state.memory, ref_state.memory, rtol=0, atol=1e-12)
