@@ -77,6 +77,7 @@ def plot(results: dict[str, dict[int, dict]], args: argparse.Namespace, path: Pa
         axis.set_xlabel(f"segments of {args.segment_len} tokens")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
+    speed.set_ylim(bottom=0)
     memory.set_yscale("log", base=2)
     speed.legend(fontsize=8)
     fig.suptitle(f"d_model {args.d_model}, {args.layers} layers, batch {args.batch}, "
