@@ -339,3 +339,15 @@ def test_block_causal_attention_equals_the_dense_mask(kind: str, m: int) -> None
     probe = torch.randn_like(h1)
     g1, g2 = (torch.autograd.grad((h * probe).sum(), x)[0] for h in (h1, h2))
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ("rmt", "rmt_xl", "xl"))
+def test_state_owns_its_storage_not_the_segments_hidden_states(kind: str) -> None:
+    """The carried memory and XL cache are copies: a view of the segment's output would keep the whole
+    [B, T, d] hidden states alive in replay buffers, streams and checkpoints (torch.save writes the
+    view's full storage)."""
+    model = tiny(kind, xl_len=2)
+    with torch.no_grad():
+        _, state = forward_segments(model, segments_of(torch.randint(0, VOCAB, (B, S * L))))
+    for tensor in state.tensors():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), tensor.shape

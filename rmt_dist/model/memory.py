@@ -224,7 +224,9 @@ class MemoryModel(nn.Module):
         h_tokens = h[:, read:read + L]  # [B, L, d]
         new_memory = None
         if kind in ("rmt", "rmt_xl"):  # [B, m, d] = H_write (encoders: the output at the read positions)
-            new_memory = h[:, :m] if self.encoder_layout else h[:, read + L:]
+            # A copy, not a view: a state that outlives this segment (replay, streams, checkpoints) must
+            # not keep the whole segment's hidden states alive through the view's storage.
+            new_memory = (h[:, :m] if self.encoder_layout else h[:, read + L:]).clone()
             if padded:  # a sample with no token in this segment keeps its memory
                 new_memory = torch.where(pad.all(dim=1)[:, None, None], mem, new_memory)
         new_xl = None
@@ -232,7 +234,7 @@ class MemoryModel(nn.Module):
             new_xl = tuple(
                 (li[:, read:read + L] if cache is None else torch.cat([cache, li[:, read:read + L]], dim=1))[
                     :, -self.xl_len:
-                ].detach()
+                ].detach().clone()  # a copy: see new_memory
                 for li, cache in zip(layer_inputs, caches or [None] * len(layer_inputs))
             )
         new_ltm = None if self.ltm_attention is None else self._ltm_update(state, layer_inputs, caches, reads)
