@@ -896,24 +896,14 @@ class SweepOutcome:
 
 
 def _init_ray(spec: SweepSpec, per_trial_cpus: int) -> None:
-    import logging
+    """The driver's Ray start-up; a local Ray gets a logical CPU per concurrent trial's driver too (each
+    trial's driver waits while its workers compute)."""
+    from rmt_dist.train.driver import init_ray
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if (os.environ.get("RAY_ADDRESS") or "local") != "local":  # a cluster to join
-        ray.init(**quiet)
-    else:
-        cores = os.cpu_count() or 1
-        base = from_flat(spec.base)
-        want = spec.max_concurrent or max(1, cores // (base.scaling.num_workers * base.scaling.cpus_per_worker))
-        want = min(want, spec.num_trials)
-        # Logical CPUs: each trial's driver waits while its workers compute, so it gets a CPU of its own.
-        ray.init(address="local", num_cpus=max(cores, want * per_trial_cpus), include_dashboard=False, **quiet)
-    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    cores = os.cpu_count() or 1
+    base = from_flat(spec.base)
+    want = spec.max_concurrent or max(1, cores // (base.scaling.num_workers * base.scaling.cpus_per_worker))
+    init_ray(base, num_cpus=max(cores, min(want, spec.num_trials) * per_trial_cpus))
 
 
 def _per_trial(spec: SweepSpec) -> tuple[int, int]:

@@ -103,15 +103,16 @@ def _check_hf_model(cfg: Config) -> int | None:
     return AutoConfig.from_pretrained(path).vocab_size if causal else None
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray sized for the workers."""
+def init_ray(cfg: Config, num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray with ``num_cpus`` logical CPUs
+    (default: enough for the run's workers, at least the machine's cores)."""
     if ray.is_initialized():
         return
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if os.environ.get("RAY_ADDRESS"):
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
         ray.init(**quiet)
     else:
-        cpus = max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+        cpus = num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)  # never another session's
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
