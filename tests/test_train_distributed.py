@@ -219,3 +219,20 @@ def test_s3_outage_during_save_fails_clearly_and_keeps_the_last_good_checkpoint(
         assert resumed.metrics["step"] == 30
     finally:
         server.stop()
+
+
+def test_default_mlflow_uri_is_the_drivers_file_for_every_worker(tmp_path, data_cache, ray_local, monkeypatch):
+    """README command 1 leaves mlflow.tracking_uri empty: sqlite:///mlflow.db in the driver's working
+    directory. Workers run elsewhere; rank 0 must log into the driver's file, not a new one of its own."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = smoke_config(tmp_path, data_cache, **{"mlflow.enabled": True, "mlflow.tracking_uri": "",
+                                                "mlflow.experiment": "default_uri", "train.max_steps": 2,
+                                                "train.eval_interval": 2, "train.eval_batches": 1})
+    result = run_training(cfg, "lm_wikitext", run_name="default_uri")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("default_uri").experiment_id])
+    assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    assert {"train_loss", "val_ppl", "tokens_per_s"} <= set(run.data.metrics)

@@ -22,6 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
 from rmt_dist.storage import Storage, check_writable, redact, resolve
 from rmt_dist.train import metrics as M
+from rmt_dist.tracking import tracking_uri
 from rmt_dist.train.loop import train_loop_per_worker
 
 
@@ -124,7 +125,9 @@ def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dic
     TuneReportCallback so that every report reaches the trial)."""
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_flat(cfg), **loop_config},
+        # The driver's tracking URI, resolved: a default relative SQLite path would name another file
+        # in the workers' working directory.
+        train_loop_config={"config": {**to_flat(cfg), "mlflow.tracking_uri": tracking_uri(cfg)}, **loop_config},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
