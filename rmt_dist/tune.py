@@ -501,20 +501,11 @@ def parse_sweep_args(argv: Sequence[str]) -> SweepSpec:
 
 
 def _resolve_locations(cfg: Config, job: str) -> Config:
-    """Trials run in other working directories: make local paths and the SQLite URI absolute; name the
-    MLflow experiment (the job's, as for a single run)."""
-    from rmt_dist.tracking import tracking_uri
+    """Absolute local paths and SQLite URI (trials run in other working directories, as a run's workers
+    do); the MLflow experiment named (the job's, as for a single run)."""
+    from rmt_dist.train.driver import resolve_locations
 
-    changes: dict[str, Any] = {"mlflow.experiment": cfg.mlflow.experiment or job}
-    if "://" not in cfg.storage.path:
-        changes["storage.path"] = str(Path(cfg.storage.path).expanduser().resolve())
-    if cfg.data.path and "://" not in cfg.data.path:
-        changes["data.path"] = str(Path(cfg.data.path).expanduser().resolve())
-    if cfg.data.cache_dir:
-        changes["data.cache_dir"] = str(Path(cfg.data.cache_dir).expanduser().resolve())
-    if cfg.mlflow.enabled:
-        changes["mlflow.tracking_uri"] = tracking_uri(cfg)
-    return apply_overrides(cfg, changes)
+    return apply_overrides(resolve_locations(cfg), {"mlflow.experiment": cfg.mlflow.experiment or job})
 
 
 def _expand(cfg: Config, grid: PaperGrid | None, grid_dims: Sequence[Dim],

@@ -22,7 +22,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
 from rmt_dist.storage import Storage, check_writable, redact, resolve
 from rmt_dist.train import metrics as M
-from rmt_dist.tracking import tracking_uri
 from rmt_dist.train.loop import train_loop_per_worker
 
 
@@ -47,6 +46,23 @@ class RunSummary:
     mlflow_run_id: str | None
     run_name: str
     storage: str
+
+
+def resolve_locations(cfg: Config) -> Config:
+    """Workers (and sweep trials) run in other working directories: make the driver's relative local
+    paths and its SQLite tracking URI absolute (the default ``sqlite:///mlflow.db`` included)."""
+    from rmt_dist.tracking import tracking_uri
+
+    changes: dict[str, Any] = {}
+    for key, value in (("storage.path", cfg.storage.path), ("data.path", cfg.data.path),
+                       ("data.cache_dir", cfg.data.cache_dir), ("storage.export_path", cfg.storage.export_path)):
+        if value and "://" not in value:
+            changes[key] = str(Path(value).expanduser().resolve())
+    if cfg.model.hf_name_or_path and Path(cfg.model.hf_name_or_path).expanduser().exists():  # else a hub name
+        changes["model.hf_name_or_path"] = str(Path(cfg.model.hf_name_or_path).expanduser().resolve())
+    if cfg.mlflow.enabled:
+        changes["mlflow.tracking_uri"] = tracking_uri(cfg)
+    return apply_overrides(cfg, changes)
 
 
 def prepare_data(cfg: Config) -> Config:
@@ -125,9 +141,7 @@ def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dic
     TuneReportCallback so that every report reaches the trial)."""
     return TorchTrainer(
         train_loop_per_worker,
-        # The driver's tracking URI, resolved: a default relative SQLite path would name another file
-        # in the workers' working directory.
-        train_loop_config={"config": {**to_flat(cfg), "mlflow.tracking_uri": tracking_uri(cfg)}, **loop_config},
+        train_loop_config={"config": to_flat(cfg), **loop_config},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
@@ -203,6 +217,7 @@ def _fit_with_progress(trainer: TorchTrainer, board: Any) -> Any:
 
 def run_training(cfg: Config, job: str, run_name: str | None = None, parent_run_id: str | None = None) -> RunSummary:
     """Check input, run the TorchTrainer, track it in MLflow; returns the final metrics and locations."""
+    cfg = resolve_locations(cfg)
     storage = resolve(cfg.storage)
     check_writable(storage)
     cfg = prepare_data(cfg)
