@@ -46,8 +46,8 @@ def main() -> None:
     for mode in MODES:
         cfg = model_config(kind=args.kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
                            segment_len=args.segment_len, segments=args.segments, num_tokens=args.num_tokens,
-                           xl_len=args.xl_len, bptt_unroll=args.bptt_unroll, activation_checkpointing=mode != "off")
-        cfg.train.recompute = "all" if mode == "off" else mode
+                           xl_len=args.xl_len, bptt_unroll=args.bptt_unroll, activation_checkpointing=mode != "off",
+                           recompute="all" if mode == "off" else mode)
         runners[mode] = Runner(cfg, batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
     print(f"device {device}, {torch.get_num_threads()} threads; {args.kind}, d_model {args.d_model}, {args.layers} "
           f"layers, batch {args.batch}, {args.segments} x {args.segment_len} tokens, BPTT {args.bptt_unroll}", flush=True)

@@ -14,7 +14,8 @@ from rmt_dist.train.metrics import peak_step_bytes
 
 def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_len: int, segments: int,
                  num_tokens: int = 0, xl_len: int = 0, bptt_unroll: int = -1, bptt_mode: str = "window",
-                 replay: bool = False, activation_checkpointing: bool = False) -> Config:
+                 replay: bool = False, activation_checkpointing: bool = False, recompute: str = "all",
+                 ltm_basis: int = 64) -> Config:
     """A validated config of the built-in backbone (no dropout, d_ff = 4 d) with one memory kind."""
     cfg = Config()
     m = cfg.model
@@ -24,8 +25,9 @@ def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_le
     mem.num_tokens = num_tokens if kind in ("memtr", "rmt", "rmt_xl") else 0
     mem.xl_len = xl_len if kind in ("xl", "rmt_xl", "infinite") else 0
     mem.bptt_unroll, mem.bptt_mode, mem.replay_backprop = bptt_unroll, bptt_mode, replay
+    mem.ltm_basis = ltm_basis
     cfg.data.segment_len, cfg.data.num_segments = segment_len, segments
-    cfg.train.activation_checkpointing = activation_checkpointing
+    cfg.train.activation_checkpointing, cfg.train.recompute = activation_checkpointing, recompute
     return validate(cfg)
 
 

@@ -55,8 +55,8 @@ class PeerRunner:
 def ours(segments: int, replay: bool, recompute: str | None = None) -> Runner:
     """rmt-dist's RMT; ``recompute`` turns on activation checkpointing with that policy."""
     cfg = model_config(kind="rmt", d_model=DIM, layers=DEPTH, heads=HEADS, segment_len=SEGMENT, segments=segments,
-                       num_tokens=MEMORY, bptt_unroll=-1, replay=replay, activation_checkpointing=recompute is not None)
-    cfg.train.recompute = recompute or "all"
+                       num_tokens=MEMORY, bptt_unroll=-1, replay=replay, activation_checkpointing=recompute is not None,
+                       recompute=recompute or "all")
     return Runner(cfg, batch=BATCH, vocab=VOCAB, device=torch.device("cpu"))
 
 

@@ -49,8 +49,7 @@ def runner_for(variant: Variant, segments: int, args: argparse.Namespace, device
     cfg = model_config(kind=variant.kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
                        segment_len=segment_len, segments=count, num_tokens=args.num_tokens,
                        bptt_unroll=variant.bptt_unroll, bptt_mode=args.bptt_mode, replay=variant.replay,
-                       activation_checkpointing=args.activation_checkpointing)
-    cfg.memory.ltm_basis = args.ltm_basis
+                       activation_checkpointing=args.activation_checkpointing, ltm_basis=args.ltm_basis)
     return Runner(cfg, batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
 
 
