@@ -74,8 +74,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step = 0
     resume = ray.train.get_checkpoint()
     if resume is not None:
-        with resume.as_directory() as directory:
-            state = checkpoint.load(engine, Path(directory), rank, world)
+        # Each rank downloads into a directory of its own: Ray's shared temporary download directory
+        # (as_directory) races between the ranks of one node, and one rank may delete it under another.
+        with tempfile.TemporaryDirectory(prefix=f"rmt_resume_r{rank}_") as directory:
+            state = checkpoint.load(engine, Path(resume.to_directory(directory)), rank, world)
         step = state.step
         workload.restore(state.data_position, state.stream)
         torch.set_rng_state(state.rng_cpu)
