@@ -16,6 +16,8 @@ import statistics
 
 import torch
 
+from rmt_dist.memory_kinds import MEMORY_KINDS
+
 from common import Runner, model_config
 
 MODES = ("off", "all", "elementwise")  # no checkpointing, then train.recompute's values
@@ -23,7 +25,7 @@ MODES = ("off", "all", "elementwise")  # no checkpointing, then train.recompute'
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="rmt", choices=("none", "memtr", "xl", "rmt", "rmt_xl", "infinite"))
+    parser.add_argument("--kind", default="rmt", choices=tuple(MEMORY_KINDS))
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-len", type=int, default=256)
     parser.add_argument("--num-tokens", type=int, default=16)

@@ -8,6 +8,7 @@ import time
 import torch
 
 from rmt_dist.config import Config, validate
+from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.model import build_model, split_segments, train_segments
 from rmt_dist.train.metrics import peak_step_bytes
 
@@ -22,8 +23,9 @@ def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_le
     m.d_model, m.n_layers, m.n_heads, m.d_ff, m.dropout = d_model, layers, heads, 4 * d_model, 0.0
     mem = cfg.memory
     mem.kind = kind
-    mem.num_tokens = num_tokens if kind in ("memtr", "rmt", "rmt_xl") else 0
-    mem.xl_len = xl_len if kind in ("xl", "rmt_xl", "infinite") else 0
+    spec = memory_kind(kind)
+    mem.num_tokens = num_tokens if spec.memory_tokens else 0
+    mem.xl_len = xl_len if spec.xl_cache else 0
     mem.bptt_unroll, mem.bptt_mode, mem.replay_backprop = bptt_unroll, bptt_mode, replay
     mem.ltm_basis = ltm_basis
     cfg.data.segment_len, cfg.data.num_segments = segment_len, segments
@@ -52,7 +54,7 @@ class Runner:
                                    replay=mem.replay_backprop)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats.loss_sum
+        return float(stats.loss_sum)
 
     def seconds(self, steps: int) -> float:
         """Mean wall time of ``steps`` training steps."""

@@ -20,12 +20,14 @@ import statistics
 
 import torch
 
+from rmt_dist.memory_kinds import MEMORY_KINDS
+
 from common import Runner, model_config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="rmt", choices=("memtr", "xl", "rmt", "rmt_xl", "none"))
+    parser.add_argument("--kind", default="rmt", choices=tuple(MEMORY_KINDS))
     parser.add_argument("--segment-len", type=int, default=512)
     parser.add_argument("--num-tokens", type=int, default=10)
     parser.add_argument("--xl-len", type=int, default=0, help="XL cache per layer (xl, rmt_xl); 0 = segment length")

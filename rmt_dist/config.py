@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from rmt_dist.memory_kinds import MEMORY_KINDS, kinds_where
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; ``str(err)`` is the one line shown to the user."""
@@ -42,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class MemoryConfig:
-    kind: str = _f("rmt", "none | memtr | xl | rmt | rmt_xl | infinite (∞-former long-term memory)")
+    kind: str = _f("rmt", " | ".join(MEMORY_KINDS) + " (rmt_dist/memory_kinds.py says what each is)")
     num_tokens: int = _f(10, "memory tokens (memtr, rmt, rmt_xl)")
     xl_len: int = _f(0, "Transformer-XL cache length per layer (xl, rmt_xl; infinite: the short-term memory)")
     bptt_unroll: int = _f(2, "previous segments gradients reach: 0 = detach every segment, -1 = full BPTT")
@@ -143,7 +145,6 @@ class Config:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
-MEMORY_KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
 DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task", "classify")
 SAMPLE_DATASETS = ("task", "classify")  # samples of segments, memory reset per sample (the rest: LM streams)
 TASKS = ("copy", "reverse", "assoc", "quadratic", "sort", "retrieval_start", "retrieval_random", "retrieval_two")
@@ -247,8 +248,10 @@ def validate(cfg: Config) -> Config:
     _check(m.backbone in ("builtin", "hf"), "model.backbone", m.backbone, "one of builtin, hf")
     _check(m.backbone != "hf" or bool(m.hf_name_or_path), "model.hf_name_or_path", m.hf_name_or_path,
            "set when model.backbone=hf")
-    _check(m.backbone != "hf" or mem.kind in ("none", "memtr", "rmt"), "memory.kind", mem.kind,
-           "one of none, memtr, rmt for model.backbone=hf (HF models have no per-layer cache input)")
+    _check(mem.kind in MEMORY_KINDS, "memory.kind", mem.kind, "one of " + ", ".join(MEMORY_KINDS))
+    kind = MEMORY_KINDS[mem.kind]
+    _check(m.backbone != "hf" or kind.hf, "memory.kind", mem.kind,
+           f"one of {', '.join(kinds_where(hf=True))} for model.backbone=hf (HF models have no per-layer cache input)")
     _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0")
     for key in ("d_model", "n_layers", "n_heads", "d_ff"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
@@ -256,26 +259,24 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
     _check(m.rope_base > 0, "model.rope_base", m.rope_base, "> 0")
 
-    _check(mem.kind in MEMORY_KINDS, "memory.kind", mem.kind, "one of " + ", ".join(MEMORY_KINDS))
     _check(mem.num_tokens >= 0, "memory.num_tokens", mem.num_tokens, ">= 0")
-    _check(mem.kind not in ("rmt", "rmt_xl") or mem.num_tokens >= 1, "memory.num_tokens", mem.num_tokens,
+    _check(not kind.write_tokens or mem.num_tokens >= 1, "memory.num_tokens", mem.num_tokens,
            f">= 1 for memory.kind={mem.kind} (use memory.kind=none or xl for no memory tokens)")
     _check(mem.xl_len >= 0, "memory.xl_len", mem.xl_len, ">= 0")
-    _check(mem.kind not in ("xl", "rmt_xl") or mem.xl_len >= 1, "memory.xl_len", mem.xl_len,
-           f">= 1 for memory.kind={mem.kind}")
+    _check(not kind.xl_required or mem.xl_len >= 1, "memory.xl_len", mem.xl_len, f">= 1 for memory.kind={mem.kind}")
     _check(mem.bptt_unroll >= -1, "memory.bptt_unroll", mem.bptt_unroll, ">= -1 (-1 = full BPTT)")
     _check(mem.bptt_mode in ("sliding", "window"), "memory.bptt_mode", mem.bptt_mode, "one of sliding, window")
     _check(not mem.replay_backprop or mem.bptt_unroll == -1, "memory.replay_backprop", mem.replay_backprop,
            "false unless memory.bptt_unroll=-1 (replay is full BPTT)")
     _check(mem.aux_loss_weight >= 0, "memory.aux_loss_weight", mem.aux_loss_weight, ">= 0")
-    _check(mem.aux_loss_weight == 0 or mem.kind in ("rmt", "rmt_xl"), "memory.aux_loss_weight",
-           mem.aux_loss_weight, "0 unless memory.kind is rmt or rmt_xl")
+    _check(mem.aux_loss_weight == 0 or kind.write_tokens, "memory.aux_loss_weight", mem.aux_loss_weight,
+           f"0 unless memory.kind is {' or '.join(kinds_where(write_tokens=True))}")
     _check(mem.ltm_basis >= 2, "memory.ltm_basis", mem.ltm_basis, ">= 2")
     _check(0.0 < mem.ltm_tau < 1.0, "memory.ltm_tau", mem.ltm_tau, "in (0, 1)")
     _check(mem.ltm_ridge > 0, "memory.ltm_ridge", mem.ltm_ridge, "> 0")
     _check(mem.ltm_samples >= 1, "memory.ltm_samples", mem.ltm_samples, ">= 1")
-    _check(not mem.sticky or mem.kind == "infinite", "memory.sticky", mem.sticky,
-           "false unless memory.kind=infinite")
+    _check(not mem.sticky or kind.ltm, "memory.sticky", mem.sticky,
+           f"false unless memory.kind={' or '.join(kinds_where(ltm=True))}")
 
     _check(d.segment_len >= 1, "data.segment_len", d.segment_len, ">= 1")
     _check(d.num_segments >= 1, "data.num_segments", d.num_segments, ">= 1")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from rmt_dist.memory_kinds import MEMORY_KINDS
 from rmt_dist.train import metrics as M
 
 # Tags shared by the sweep (writer) and this module (reader).
@@ -67,11 +68,9 @@ class TrialRecord:
     @property
     def memory_size(self) -> str:
         """The paper's "memory" column: tokens (rmt, memtr), cache length (xl), cache + tokens (rmt_xl)."""
-        if self.kind == "xl":
-            return str(self.xl_len)
-        if self.kind == "rmt_xl":
-            return f"{self.xl_len}+{self.num_tokens}"
-        return str(self.num_tokens if self.kind != "none" else 0)
+        if self.kind not in MEMORY_KINDS:  # a run logged without the key
+            return "?"
+        return MEMORY_KINDS[self.kind].memory_size(self.num_tokens, self.xl_len)
 
     @property
     def label(self) -> str:
@@ -238,8 +237,7 @@ def plot_tradeoff(records: Sequence[TrialRecord], mode: str, path: Path | str, t
     usable = [r for r in records if r.best is not None]
     metric = records[0].metric if records else M.VAL_PPL
     kinds = sorted({r.kind for r in usable})
-    colors = {k: c for k, c in zip(("none", "memtr", "xl", "rmt", "rmt_xl"),
-                                    ("tab:gray", "tab:olive", "tab:blue", "tab:orange", "tab:green"))}
+    colors = dict(zip(MEMORY_KINDS, ("tab:gray", "tab:olive", "tab:blue", "tab:orange", "tab:green", "tab:purple")))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, (attr, xlabel, scale) in zip(axes, _AXES):
         for kind in kinds:

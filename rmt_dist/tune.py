@@ -46,6 +46,7 @@ from ray.tune import Callback as TuneCallback
 from rmt_dist import report as R
 from rmt_dist.config import KEY_TYPES, SAMPLE_DATASETS, Config, ConfigError, _coerce, apply_overrides, from_flat, help_text, \
     parse_args, to_flat, validate
+from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.presets import PRESETS
 from rmt_dist.train import metrics as M
 
@@ -261,23 +262,21 @@ GRIDS: dict[str, PaperGrid] = {
 
 def normalise_memory(cfg: Config) -> Config:
     """Memory size 0 is the no-memory baseline, and keys a memory kind ignores are zeroed so that equal
-    trials are equal configs: ``num_tokens=0`` turns rmt/memtr into ``none`` and rmt_xl into ``xl``;
-    ``none`` has no tokens, cache, unroll, replay or auxiliary loss; ``xl`` has no tokens."""
+    trials are equal configs: ``num_tokens=0`` turns a kind with memory tokens into its
+    ``without_tokens`` kind (rmt/memtr into none, rmt_xl into xl); keys the kind has no use for (tokens,
+    cache, unroll and replay where no gradient crosses segments, the auxiliary loss) get their zero."""
     m = cfg.memory
-    changes: dict[str, Any] = {}
-    kind = m.kind
-    if m.num_tokens == 0 and kind in ("rmt", "memtr"):
-        kind = "none"
-    elif m.num_tokens == 0 and kind == "rmt_xl":
-        kind = "xl"
-    if kind != m.kind:
-        changes["memory.kind"] = kind
-    if kind == "none":
-        changes.update({"memory.num_tokens": 0, "memory.xl_len": 0, "memory.bptt_unroll": 0,
-                        "memory.replay_backprop": False})
-    if kind == "xl":
+    kind = memory_kind(m.kind)
+    if m.num_tokens == 0 and kind.without_tokens:
+        kind = memory_kind(kind.without_tokens)
+    changes: dict[str, Any] = {"memory.kind": kind.name} if kind.name != m.kind else {}
+    if not kind.memory_tokens:
         changes["memory.num_tokens"] = 0
-    if kind not in ("rmt", "rmt_xl"):
+    if not kind.xl_cache:
+        changes["memory.xl_len"] = 0
+    if not kind.recurrent:
+        changes.update({"memory.bptt_unroll": 0, "memory.replay_backprop": False})
+    if not kind.write_tokens:
         changes["memory.aux_loss_weight"] = 0.0
     return apply_overrides(cfg, changes) if changes else cfg
 
@@ -292,7 +291,7 @@ def trial_config(base: Mapping[str, Any], train_loop_config: Mapping[str, Any]) 
 def describe_point(cfg: Config, keys: Sequence[str]) -> str:
     """``rmt (10, 2)`` plus any other searched keys, for progress lines."""
     m = cfg.memory
-    size = {"none": "0", "xl": str(m.xl_len), "rmt_xl": f"{m.xl_len}+{m.num_tokens}"}.get(m.kind, str(m.num_tokens))
+    size = memory_kind(m.kind).memory_size(m.num_tokens, m.xl_len)
     flat = to_flat(cfg)
     extra = " ".join(f"{k}={flat[k]}" for k in keys if k not in MEMORY_KEYS)
     return f"{m.kind} ({size}, {m.bptt_unroll})" + (f" {extra}" if extra else "")

@@ -97,6 +97,7 @@ def test_memory_carries_information_to_the_next_segment(gpt2, bert, which):
 def test_padding_never_changes_a_samples_memory_and_empty_segments_keep_it(gpt2, llama, bert, which):
     path, classes = {"gpt2": (gpt2, 0), "llama": (llama, 0), "bert": (bert, 2)}[which]
     model, _ = hf_model(path, "rmt", classes=classes)
+    model.padded_inputs = True  # encoders pad by default; a causal LM is told its inputs may be padded
     long, short = torch.randint(1, 300, (1, 24)), torch.randint(1, 300, (1, 9))
     batch = torch.cat([long, torch.cat([short, torch.full((1, 15), PAD_ID)], dim=1)])  # segments 8: short ends in seg 2
     batch_out, batch_state = forward_segments(model, [(s, None) for s in batch.split(8, dim=1)])

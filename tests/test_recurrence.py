@@ -117,7 +117,7 @@ def test_segment_loop_equals_manual_unroll(kind: str) -> None:
         model.zero_grad()
         stats = train_segments(model, segments, bptt_unroll=k, bptt_mode=mode, replay=replay)
         assert stats.n_tokens == n
-        assert stats.loss_sum == pytest.approx(total, rel=1e-12), (mode, k, replay)
+        assert float(stats.loss_sum) == pytest.approx(total, rel=1e-12), (mode, k, replay)
         assert_same_state(stats.state, ref_state.detach())
         assert not any(t.requires_grad for t in stats.state.tensors())
         if k == -1:  # full BPTT: the gradient of the window's mean token loss
@@ -158,12 +158,12 @@ def test_unroll_covering_the_window_gives_full_bptt_gradients_with_dropout(kind:
     full_grads = grads_of(model)
     torch.manual_seed(3)
     ref, _ = forward_segments(model, segments)
-    assert full.loss_sum == pytest.approx(sum(o.loss_sum.item() for o in ref), rel=1e-12)
+    assert float(full.loss_sum) == pytest.approx(sum(o.loss_sum.item() for o in ref), rel=1e-12)
     for mode, k in (("sliding", 3), ("sliding", 7), ("window", 3)):
         model.zero_grad()
         torch.manual_seed(3)
         stats = train_segments(model, segments, bptt_unroll=k, bptt_mode=mode)
-        assert stats.loss_sum == pytest.approx(full.loss_sum, rel=1e-12), (mode, k)
+        assert float(stats.loss_sum) == pytest.approx(float(full.loss_sum), rel=1e-12), (mode, k)
         assert_same_state(stats.state, full.state)
         for name, g in grads_of(model).items():
             torch.testing.assert_close(g, full_grads[name], rtol=1e-9, atol=1e-12, msg=f"{mode} {k} {name}")
@@ -177,7 +177,7 @@ def test_truncated_bptt_runs_the_same_forward_with_dropout(mode: str, k: int) ->
     ref, ref_state = forward_segments(model, segments)
     torch.manual_seed(3)
     stats = train_segments(model, segments, bptt_unroll=k, bptt_mode=mode)
-    assert stats.loss_sum == pytest.approx(sum(o.loss_sum.item() for o in ref), rel=1e-12)
+    assert float(stats.loss_sum) == pytest.approx(sum(o.loss_sum.item() for o in ref), rel=1e-12)
     assert_same_state(stats.state, ref_state.detach())
 
 
@@ -263,7 +263,7 @@ def test_replay_backprop_gives_full_bptt_gradients(kind: str, dropout: float) ->
     replay = train_segments(model, segments, bptt_unroll=-1, replay=True,
                             backward=lambda loss: (calls.append(1), loss.backward()))
     assert len(calls) == len(segments)  # one backward per segment (the engine counts them)
-    assert replay.loss_sum == pytest.approx(full.loss_sum, rel=1e-12)
+    assert float(replay.loss_sum) == pytest.approx(float(full.loss_sum), rel=1e-12)
     replay_grads = grads_of(model)
     assert replay_grads.keys() == full_grads.keys() == {n for n, _ in model.named_parameters()}
     for name, g in full_grads.items():
@@ -351,7 +351,7 @@ def test_kinds_without_gradient_memory_get_full_bptt_gradients_in_every_mode(kin
         torch.manual_seed(3)
         stats = train_segments(model, segments, bptt_unroll=k, bptt_mode=mode)
         assert len(runs) == len(segments), (mode, k)
-        assert stats.loss_sum == pytest.approx(full.loss_sum, rel=1e-12)
+        assert float(stats.loss_sum) == pytest.approx(float(full.loss_sum), rel=1e-12)
         for name, g in grads_of(model).items():
             torch.testing.assert_close(g, full_grads[name], rtol=1e-9, atol=1e-12, msg=f"{mode} {k} {name}")
     handle.remove()

@@ -26,9 +26,9 @@ def _open_segment(model: MemoryModel, state: MemoryState, tokens: Tensor) -> tup
     x = backbone.embed_tokens(tokens)  # [B, n, d]
     read = model.num_tokens  # memtr and rmt: the read block
     if read:
-        memory = model.memory_init(x.shape[0]) if model.kind == "memtr" or state.memory is None else state.memory
+        memory = state.memory if model.spec.write_tokens and state.memory is not None else model.memory_init(x.shape[0])
         x = torch.cat([memory.to(x.dtype), x], dim=1)
-    mask = backbone.attention_mask(BlockCausal(read, 0) if read else None, x.shape[1], None, x.dtype)
+    mask = backbone.attention_mask(BlockCausal(read, 0) if read else None, x.shape[1], None, x.dtype, x.device)
     out = backbone.body(inputs_embeds=x, attention_mask=mask, use_cache=True)
     return _logits(model, out.last_hidden_state[:, -1]), out.cache, x.shape[1]
 
@@ -78,7 +78,7 @@ def generate(model: MemoryModel, input_ids: Tensor, *, segment_len: int, max_new
             token = token.masked_fill(done, eos_token_id)
             done |= token == eos_token_id
         out.append(token[:, None])
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):  # a sync only with eos
             break
         if segment.shape[1] == segment_len:  # close the full segment: its write block is the next memory
             state = model(segment, None, state, with_logits=False).state

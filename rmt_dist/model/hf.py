@@ -7,7 +7,9 @@ interface: ``embed_tokens`` is the model's input embedding, ``forward`` runs the
 - Causal LMs (``AutoModelForCausalLM``: GPT-2, Llama, Mistral, Qwen, ...): the segment's RMT mask
   (read block, causal tokens, write block) goes in as a 4D additive mask ``[B, 1, T, T]``, which
   transformers uses as given (``masking_utils._preprocess_mask_arguments``); without memory and
-  padding no mask is passed, so the model takes its own causal path.
+  padding no mask is passed, so the model takes its own causal path (the bare model bit for bit, and
+  SDPA's flash kernel on a GPU; transformers 5.24 then checks the position ids for packed sequences
+  on the host, one sync per forward that the bare model has too).
 - Encoders (``AutoModel``: BERT, RoBERTa, DeBERTa): attention is bidirectional; ``is_encoder`` tells
   MemoryModel to put memory at the start of the segment and read the next memory from the same
   positions (1M-token paper). The head is RoBERTa's classification head (dense, tanh, out) applied
@@ -80,24 +82,25 @@ class HFBackbone(nn.Module):
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.hf.get_input_embeddings()(input_ids)
 
-    def attention_mask(self, mask: Mask, T: int, valid: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    def attention_mask(self, mask: Mask, T: int, valid: Tensor | None, dtype: torch.dtype,
+                       device: torch.device) -> Tensor | None:
         """Causal LMs: [B or 1, 1, T, T] additive mask (0 = may attend); encoders: [B, T] padding mask;
-        None for the model's own plain mask."""
+        None for the model's own plain mask. Built on ``device`` (the embeddings'), padding or not."""
         if self.is_encoder:  # bidirectional: the 2D padding mask, the form every encoder takes natively
             return None if valid is None else valid.long()
         if isinstance(mask, BlockCausal):
-            allowed = mask.dense(T, valid.device if valid is not None else None)
+            allowed = mask.dense(T, device)
         elif mask is None:
             if valid is None:
                 return None
-            allowed = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         else:
             allowed = mask
         allowed = allowed[None]
         if valid is not None:  # padding is never a key; a row keeps its diagonal (no empty softmax)
-            eye = torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+            eye = torch.eye(T, dtype=torch.bool, device=device)[None]
             allowed = (allowed & valid[:, None, :]) | eye
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
     def forward(self, x: Tensor, mask: Mask = None, caches: Sequence[Tensor] | None = None,
@@ -113,7 +116,8 @@ class HFBackbone(nn.Module):
         if not self.is_encoder:  # the write block after padding keeps the positions it has unpadded
             extra["use_cache"] = False
             extra["position_ids"] = None if valid is None else (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-        out = self.body(inputs_embeds=x, attention_mask=self.attention_mask(mask, T, valid, x.dtype), **extra)
+        out = self.body(inputs_embeds=x, attention_mask=self.attention_mask(mask, T, valid, x.dtype, x.device),
+                        **extra)
         return out.last_hidden_state, None
 
     def logits(self, h: Tensor) -> Tensor:
@@ -142,7 +146,8 @@ def build_hf_model(cfg: Config, vocab_size: int = 0) -> MemoryModel:
     if not backbone.is_encoder and vocab_size > model_vocab:
         raise ValueError(f"model.vocab_size must be <= the vocabulary of {cfg.model.hf_name_or_path} "
                          f"({model_vocab}), got {vocab_size}")
-    model = MemoryModel(backbone, cfg.memory, vocab_size or model_vocab)
+    # Encoders read documents, padded to whole segments (data/classify.py); causal LMs read streams.
+    model = MemoryModel(backbone, cfg.memory, vocab_size or model_vocab, padded_inputs=backbone.is_encoder)
     if model.memory_init is not None:  # memory starts at the scale of the pretrained token embeddings
         embeddings = backbone.hf.get_input_embeddings().weight
         with torch.no_grad(), _gathered(embeddings):

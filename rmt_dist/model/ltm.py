@@ -17,6 +17,7 @@ Everything here is stop-gradient: the coefficients are fit on detached states, a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -94,11 +95,25 @@ def sticky_positions(histogram: Tensor, m: int) -> Tensor:
     return (k.to(histogram.dtype) + frac) / d
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def update(coeffs: Tensor | None, new: Tensor, centres: Tensor, widths: Tensor, *, tau: float, ridge: float,
            samples: int, histogram: Tensor | None = None) -> Tensor:
     """The next coefficients [B, N, d] from the old ones (None: empty memory) and new states [B, n, d]:
     old signal sampled at ``samples`` points (at the ``histogram``'s quantiles if given, else evenly)
-    into [0, tau], new states evenly into [tau, 1] (into [0, 1] when the memory is empty)."""
+    into [0, tau], new states evenly into [tau, 1] (into [0, 1] when the memory is empty).
+
+    Computed in the dtype of ``centres`` (fp32 or wider) with autocast off: CUDA autocast would run the
+    fit's matmuls in bf16 and ``linalg.solve`` in its inputs' mixed dtypes (a crash; CPU autocast casts
+    ``solve`` to fp32, which hides it), and the coefficients are the memory itself."""
+    with _autocast_off(new.device):
+        return _update(coeffs, new, centres, widths, tau=tau, ridge=ridge, samples=samples, histogram=histogram)
+
+
+def _update(coeffs: Tensor | None, new: Tensor, centres: Tensor, widths: Tensor, *, tau: float, ridge: float,
+            samples: int, histogram: Tensor | None) -> Tensor:
     new = new.detach().to(centres.dtype)
     b, n = new.shape[:2]
     grid = (torch.arange(n, device=new.device, dtype=new.dtype) + 0.5) / n  # [n] cell centres

@@ -1,21 +1,19 @@
 """Memory kinds as a pure per-segment step: ``(segment, state) -> (logits, loss, new state)``.
 
 The step knows one segment; the recurrence over segments (BPTT modes, replay) lives in
-``recurrence.py``. Layout of one segment's input (decoder-only, PAPERS.md section 1)::
-
-    none    [tokens]
-    memtr   [mem ; tokens]                  mem is learned and the same every segment
-    xl      [tokens]        + per-layer cache of the previous xl_len token states (stop-gradient)
-    rmt     [read ; tokens ; write]         read = write = previous segment's H_write
-    rmt_xl  [read ; tokens ; write]         + the XL cache
-    infinite [tokens]       + per-layer continuous long-term memory (``ltm.py``; stop-gradient), read by
-                              continuous attention added to each block's attention; with xl_len > 0
-                              the XL cache is its short-term memory and the LTM takes what leaves it
+``recurrence.py``; what each kind puts around a segment is ``rmt_dist/memory_kinds.py``. ∞-former's
+long-term memory (``ltm.py``; stop-gradient) is read by continuous attention added to each block's
+attention; with xl_len > 0 the XL cache is its short-term memory and the LTM takes what leaves it.
 
 Encoder backbones (``backbone.is_encoder``, HF BERT-likes: bidirectional attention) take
-``[mem ; tokens]`` and the next memory from the same positions (1M-token paper). Backbones with
-``supports_padding`` accept ``PAD_ID`` in ``input_ids``: padding is never attended to, and a sample with
-no token in a segment keeps its memory.
+``[mem ; tokens]`` and the next memory from the same positions (1M-token paper). A model built with
+``padded_inputs`` (backbones with ``supports_padding``; encoders by default) accepts ``PAD_ID`` in
+``input_ids``: padding is never attended to, and a sample with no token in a segment keeps its memory.
+Whether a batch holds padding is not looked up per segment: that would make the host wait for the
+device every segment (``bool(tensor.any())``), so a padded model always takes the padded path.
+
+Nothing in the step waits for the device: no ``.item()``, no branch on a tensor's value (tested by
+running every kind on the ``meta`` device).
 
 Mask rows (True = may attend): memory blocks see their whole own block; the read block and memtr
 memory never see the segment's tokens (that would leak future tokens to earlier positions); tokens
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_dist.config import MemoryConfig
+from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.model import ltm as ltm_lib
 from rmt_dist.model.backbone import BlockCausal
 
@@ -77,8 +76,9 @@ class SegmentOutput:
 def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None = None) -> Tensor | None:
     """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal. (Without a
     cache the model passes the same mask as ``BlockCausal(read, write)``.)"""
-    read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
-    write = m if kind in ("rmt", "rmt_xl") else 0
+    spec = memory_kind(kind)
+    read = m if spec.read_tokens else 0
+    write = m if spec.write_tokens else 0
     if read + write + c == 0:
         return None
     T = read + L + write
@@ -117,17 +117,22 @@ class MemoryModel(nn.Module):
     ``logits(h)``, ``d_model``, ``n_layers`` and ``n_heads`` (see ``backbone.TransformerBackbone``).
     """
 
-    def __init__(self, backbone: nn.Module, memory: MemoryConfig, vocab_size: int) -> None:
+    def __init__(self, backbone: nn.Module, memory: MemoryConfig, vocab_size: int, *,
+                 padded_inputs: bool = False) -> None:
         super().__init__()
+        if padded_inputs and not getattr(backbone, "supports_padding", False):
+            raise ValueError(f"{type(backbone).__name__} takes no padding (padded_inputs needs supports_padding)")
         self.backbone = backbone
+        self.padded_inputs = padded_inputs
         self.kind = memory.kind
+        self.spec = memory_kind(memory.kind)
         self.vocab_size = vocab_size
-        self.num_tokens = memory.num_tokens if memory.kind in ("memtr", "rmt", "rmt_xl") else 0
-        self.xl_len = memory.xl_len if memory.kind in ("xl", "rmt_xl", "infinite") else 0
+        self.num_tokens = memory.num_tokens if self.spec.memory_tokens else 0
+        self.xl_len = memory.xl_len if self.spec.xl_cache else 0
         self.aux_loss_weight = memory.aux_loss_weight
         self.encoder_layout = getattr(backbone, "is_encoder", False)
         self.memory_init = InitialMemory(self.num_tokens, backbone.d_model) if self.num_tokens else None
-        self.ltm_basis = memory.ltm_basis if memory.kind == "infinite" else 0
+        self.ltm_basis = memory.ltm_basis if self.spec.ltm else 0
         self.ltm_tau, self.ltm_ridge, self.ltm_samples, self.sticky = (
             memory.ltm_tau, memory.ltm_ridge, memory.ltm_samples, memory.sticky)
         # One continuous attention per layer (own projections: ZeRO-3 gathers them when each is called).
@@ -140,7 +145,7 @@ class MemoryModel(nn.Module):
     @property
     def recurrent(self) -> bool:
         """Whether a segment's output depends on earlier segments."""
-        return self.kind in ("xl", "rmt", "rmt_xl", "infinite")
+        return self.spec.recurrent
 
     def init_state(self) -> MemoryState:
         return MemoryState()
@@ -148,7 +153,7 @@ class MemoryModel(nn.Module):
     def state_bytes_per_sequence(self, dtype: torch.dtype = torch.float32) -> int:
         """Size of the recurrent state of one sequence: m vectors (rmt), xl_len x layers (xl), both; plus
         N x layers LTM coefficients (infinite, kept in fp32 or wider), however long the past."""
-        vectors = (self.num_tokens if self.kind in ("rmt", "rmt_xl") else 0) + self.xl_len * self.backbone.n_layers
+        vectors = (self.num_tokens if self.spec.write_tokens else 0) + self.xl_len * self.backbone.n_layers
         size = torch.tensor([], dtype=dtype).element_size()
         ltm_size = torch.tensor([], dtype=torch.promote_types(dtype, torch.float32)).element_size()
         return (vectors * size + self.ltm_basis * self.backbone.n_layers * ltm_size) * self.backbone.d_model
@@ -157,7 +162,7 @@ class MemoryModel(nn.Module):
     def carries_gradient(self) -> bool:
         """Whether gradients flow from one segment into earlier ones (the XL cache and the LTM are
         stop-gradient)."""
-        return self.kind in ("rmt", "rmt_xl")
+        return self.spec.carries_gradient
 
     @torch.no_grad()
     def _ltm_update(self, state: MemoryState, layer_inputs: list[Tensor], caches: tuple[Tensor, ...] | None,
@@ -196,24 +201,24 @@ class MemoryModel(nn.Module):
         The head is the largest layer with a big vocabulary (267k words on WikiText-103).
         """
         B, L = input_ids.shape
-        m, kind = self.num_tokens, self.kind
-        pad = input_ids == PAD_ID if getattr(self.backbone, "supports_padding", False) else None
-        padded = pad is not None and bool(pad.any())
+        m, kind = self.num_tokens, self.spec  # m = 0 for kinds without memory tokens
+        pad = input_ids == PAD_ID if self.padded_inputs else None  # [B, L]
+        padded = pad is not None
         x = self.backbone.embed_tokens(input_ids.masked_fill(pad, 0) if padded else input_ids)  # [B, L, d]
-        if kind == "memtr" and m:
-            x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)  # [B, m + L, d]
-        elif kind in ("rmt", "rmt_xl"):
+        if kind.write_tokens:  # read = write = the carried memory (the learned one at the start)
             mem = self.memory_init(B).to(x.dtype) if state.memory is None else state.memory.to(x.dtype)
             x = torch.cat([mem, x] if self.encoder_layout else [mem, x, mem], dim=1)  # [B, m + L (+ m), d]
+        elif m:  # memtr: the learned memory, the same every segment
+            x = torch.cat([self.memory_init(B).to(x.dtype), x], dim=1)  # [B, m + L, d]
         caches = state.xl if self.xl_len and state.xl is not None else None
         c = 0 if caches is None else caches[0].shape[1]
-        read = m if kind in ("memtr", "rmt", "rmt_xl") else 0
-        write = m if kind in ("rmt", "rmt_xl") and not self.encoder_layout else 0
+        read = m
+        write = m if kind.write_tokens and not self.encoder_layout else 0
         extra: dict[str, Tensor] = {}
         if padded:  # [B, T] False at padding; memory positions are always valid
             extra["valid"] = torch.cat([pad.new_zeros(B, read), pad, pad.new_zeros(B, write)], dim=1).logical_not()
         # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
-        mask = BlockCausal(read, write) if read and not c else segment_mask(kind, m, L, c, x.device)
+        mask = BlockCausal(read, write) if read and not c else segment_mask(self.kind, m, L, c, x.device)
         reads = None
         if self.ltm_attention is not None and state.ltm is not None:
             reads = [ltm_lib.LTMRead(att, coeffs) for att, coeffs in zip(self.ltm_attention, state.ltm)]
@@ -223,7 +228,7 @@ class MemoryModel(nn.Module):
 
         h_tokens = h[:, read:read + L]  # [B, L, d]
         new_memory = None
-        if kind in ("rmt", "rmt_xl"):  # [B, m, d] = H_write (encoders: the output at the read positions)
+        if kind.write_tokens:  # [B, m, d] = H_write (encoders: the output at the read positions)
             # A copy, not a view: a state that outlives this segment (replay, streams, checkpoints) must
             # not keep the whole segment's hidden states alive through the view's storage.
             new_memory = (h[:, :m] if self.encoder_layout else h[:, read + L:]).clone()

@@ -69,8 +69,11 @@ def _state_after(model: MemoryModel, segments: Sequence[Segment], state: MemoryS
 
 @dataclass
 class StepStats:
-    loss_sum: float  # summed token loss over the new segments
-    n_tokens: int
+    """A step's figures as device tensors: reading them (``float(stats.loss_sum)``) waits for the device,
+    so the caller does it once per step, not the recurrence once per segment."""
+
+    loss_sum: Tensor  # scalar: summed token loss over the new segments (detached)
+    n_tokens: Tensor  # scalar long: their labelled tokens
     state: MemoryState  # detached state after the last segment
 
 
@@ -83,8 +86,9 @@ class StreamState:
     history: list[Segment] = field(default_factory=list)
 
 
-def _labelled(segments: Sequence[Segment]) -> int:
-    return int(sum((labels != IGNORE_INDEX).sum().item() for _, labels in segments))
+def _labelled(segments: Sequence[Segment]) -> Tensor:
+    """Labelled tokens of the segments: a scalar on their device (no host sync)."""
+    return torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in segments]).sum()
 
 
 RngState = tuple[Tensor, Tensor | None]
@@ -117,40 +121,40 @@ def _no_grad_states(model: MemoryModel, segments: Sequence[Segment], state: Memo
 
 
 def _window_backward(model: MemoryModel, segments: Sequence[Segment], state: MemoryState, k: int,
-                     backward: Backward, normalizer: int) -> tuple[float, MemoryState]:
+                     backward: Backward, normalizer: Tensor) -> tuple[Tensor, MemoryState]:
     chunk = len(segments) if k < 0 else k + 1
-    total = 0.0
+    total = normalizer.new_zeros((), dtype=torch.float64)
     state = state.detach()
     for start in range(0, len(segments), chunk):
         outputs, state = forward_segments(model, segments[start:start + chunk], state)
         loss = torch.stack([o.loss_sum for o in outputs]).sum()
         backward(loss / normalizer)
-        total += loss.item()
+        total = total + loss.detach()
         state = state.detach()
     return total, state
 
 
 def _sliding_backward(model: MemoryModel, context: Sequence[Segment], segments: Sequence[Segment],
-                      state: MemoryState, k: int, backward: Backward, normalizer: int,
-                      ) -> tuple[float, list[MemoryState]]:
+                      state: MemoryState, k: int, backward: Backward, normalizer: Tensor,
+                      ) -> tuple[Tensor, list[MemoryState]]:
     """Returns the summed loss and the (no-grad) states before each of context + segments and after."""
     everything = list(context) + list(segments)
     states, rng = _no_grad_states(model, everything, state)
-    total = 0.0
+    total = normalizer.new_zeros((), dtype=torch.float64)
     for j in range(len(context), len(everything)):
         start = max(0, j - k)
         with _replaying_rng(rng[start]):
             before = _state_after(model, everything[start:j], states[start])  # re-run with a graph
             out = model(*everything[j], before)
         backward(out.loss_sum / normalizer)
-        total += out.loss_sum.item()
+        total = total + out.loss_sum.detach()
     return total, states
 
 
 def _replay_backward(model: MemoryModel, segments: Sequence[Segment], state: MemoryState,
-                     backward: Backward, normalizer: int) -> tuple[float, MemoryState]:
+                     backward: Backward, normalizer: Tensor) -> tuple[Tensor, MemoryState]:
     states, rng = _no_grad_states(model, segments, state)
-    total = 0.0
+    total = normalizer.new_zeros((), dtype=torch.float64)
     grad_memory: Tensor | None = None
     for t in reversed(range(len(segments))):
         start = states[t]
@@ -161,7 +165,7 @@ def _replay_backward(model: MemoryModel, segments: Sequence[Segment], state: Mem
         if grad_memory is not None and out.state.memory is not None:
             objective = objective + (out.state.memory * grad_memory).sum()
         backward(objective)
-        total += out.loss_sum.item()
+        total = total + out.loss_sum.detach()
         grad_memory = None if memory_in is None else memory_in.grad
     return total, states[-1]
 
@@ -182,14 +186,14 @@ def train_segments(model: MemoryModel, segments: Sequence[Segment], state: Memor
     if replay:
         if bptt_unroll != -1:
             raise ValueError("replay backprop is full BPTT: bptt_unroll must be -1")
-        total, state = _replay_backward(model, segments, state, backward, max(n, 1))
+        total, state = _replay_backward(model, segments, state, backward, n.clamp(min=1))
     elif bptt_mode == "sliding" and bptt_unroll >= 0 and _sliding_reach(model, bptt_unroll) > 0:
-        total, states = _sliding_backward(model, [], segments, state, bptt_unroll, backward, max(n, 1))
+        total, states = _sliding_backward(model, [], segments, state, bptt_unroll, backward, n.clamp(min=1))
         state = states[-1]
     elif bptt_mode == "sliding" and bptt_unroll >= 0:  # reach 0 is a window of one: each segment runs once
-        total, state = _window_backward(model, segments, state, 0, backward, max(n, 1))
+        total, state = _window_backward(model, segments, state, 0, backward, n.clamp(min=1))
     else:
-        total, state = _window_backward(model, segments, state, bptt_unroll, backward, max(n, 1))
+        total, state = _window_backward(model, segments, state, bptt_unroll, backward, n.clamp(min=1))
     return StepStats(loss_sum=total, n_tokens=n, state=state.detach())
 
 
@@ -204,7 +208,7 @@ def stream_train_step(model: MemoryModel, stream: StreamState, segments: Sequenc
         return stats, StreamState(state=stats.state)
     n = _labelled(segments)
     total, states = _sliding_backward(model, stream.history, segments, stream.state, bptt_unroll, backward,
-                                      max(n, 1))
+                                      n.clamp(min=1))
     everything = list(stream.history) + list(segments)
     first_kept = max(0, len(everything) - bptt_unroll)
     stats = StepStats(loss_sum=total, n_tokens=n, state=states[-1])
@@ -214,12 +218,12 @@ def stream_train_step(model: MemoryModel, stream: StreamState, segments: Sequenc
 @torch.no_grad()
 def evaluate_segments(model: MemoryModel, segments: Sequence[Segment],
                       state: MemoryState | None = None) -> tuple[float, int, int, MemoryState]:
-    """(loss_sum, labelled tokens, correctly predicted tokens, state after) with memory carried."""
+    """(loss_sum, labelled tokens, correctly predicted tokens, state after) with memory carried; the
+    figures are read from the device once, after the last segment."""
     outputs, state = forward_segments(model, segments, state)
-    loss = sum(o.loss_sum.item() for o in outputs)
-    n = sum(int(o.n_tokens) for o in outputs)
-    correct = 0
-    for o, (_, labels) in zip(outputs, segments):
-        valid = labels != IGNORE_INDEX
-        correct += int(((o.logits.argmax(-1) == labels) & valid).sum())
-    return loss, n, correct, state.detach()
+    loss = torch.stack([o.loss_sum.double() for o in outputs]).sum()
+    n = torch.stack([o.n_tokens for o in outputs]).sum()
+    correct = torch.stack([((o.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+                           for o, (_, labels) in zip(outputs, segments)]).sum()
+    loss, n, correct = torch.stack([loss, n.double(), correct.double()]).tolist()
+    return loss, int(n), int(correct), state.detach()

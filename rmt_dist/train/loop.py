@@ -40,8 +40,8 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
         os._exit(1)
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    t = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -108,7 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                "backward_calls_per_step() promised DeepSpeed")
         step += 1
         _maybe_inject_fault(step, rank)
-        loss_sum, n_tokens = _all_sum([stats.loss_sum, stats.n_tokens], device)
+        loss_sum, n_tokens = _all_sum([stats.loss_sum, stats.n_tokens], device)  # the step's one host sync
         interval_loss += loss_sum
         interval_tokens += n_tokens
         step_metrics = {M.TRAIN_LOSS: loss_sum / max(n_tokens, 1), M.STEP: step}
