@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from rmt_dist.memory_kinds import MEMORY_KINDS, kinds_where
+from rmt_dist.workload_kinds import DATASETS, TASKS, sample_datasets
 
 
 class ConfigError(ValueError):
@@ -60,14 +61,13 @@ class MemoryConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("smoke", "smoke | smoke-bytes | wikitext-103 | wikitext-103-raw | enwik8 | task | "
-                               "classify (documents with text and label; model.backbone=hf)")
+    dataset: str = _f("smoke", " | ".join(DATASETS) + " (classify: documents with text and label; model.backbone=hf)")
     path: str = _f("", "local directory/file or s3://bucket/prefix of the corpus; empty = the default source")
     endpoint_url: str = _f("", "custom S3 endpoint for an s3:// data.path; empty = $AWS_ENDPOINT_URL or AWS")
     segment_len: int = _f(32, "tokens per segment")
     num_segments: int = _f(4, "segments per training window (LM) or per sample (tasks)")
-    task: str = _f("copy", "copy | reverse | assoc | quadratic | sort | retrieval_start | retrieval_random | "
-                           "retrieval_two (1M-token paper: a fact in distractor text, a question at the end)")
+    task: str = _f("copy", " | ".join(TASKS) + " (retrieval_*: the 1M-token paper's fact in distractor text, "
+                           "a question at the end)")
     task_length: int = _f(8, "source length of copy/reverse, pairs for assoc, sequence length for sort, "
                              "characters before the answer for retrieval_*")
     num_train: int = _f(0, "training samples for tasks; 0 = the paper's size (100,000)")
@@ -145,9 +145,6 @@ class Config:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
-DATASETS = ("smoke", "smoke-bytes", "wikitext-103", "wikitext-103-raw", "enwik8", "task", "classify")
-SAMPLE_DATASETS = ("task", "classify")  # samples of segments, memory reset per sample (the rest: LM streams)
-TASKS = ("copy", "reverse", "assoc", "quadratic", "sort", "retrieval_start", "retrieval_random", "retrieval_two")
 
 
 def _key_types() -> dict[str, type]:
@@ -281,17 +278,14 @@ def validate(cfg: Config) -> Config:
     _check(d.segment_len >= 1, "data.segment_len", d.segment_len, ">= 1")
     _check(d.num_segments >= 1, "data.num_segments", d.num_segments, ">= 1")
     _check(d.dataset in DATASETS, "data.dataset", d.dataset, "one of " + ", ".join(DATASETS))
-    _check(d.dataset != "task" or d.task in TASKS, "data.task", d.task, "one of " + ", ".join(TASKS))
-    _check(not d.path or not d.dataset.startswith("smoke"), "data.path", d.path,
+    dataset = DATASETS[d.dataset]
+    _check(dataset.workload != "task" or d.task in TASKS, "data.task", d.task, "one of " + ", ".join(TASKS))
+    _check(not d.path or dataset.path != "none", "data.path", d.path,
            f"empty for data.dataset={d.dataset} (the smoke corpus ships with Python)")
-    _check(d.dataset != "enwik8" or bool(d.path), "data.path", d.path,
-           "the enwik8 file (a local path or s3://bucket/key) for data.dataset=enwik8")
-    _check(d.dataset != "classify" or bool(d.path), "data.path", d.path,
-           "a JSONL/parquet file or directory (text, label) or a datasets hub name for data.dataset=classify")
-    _check(d.dataset != "classify" or m.backbone == "hf", "model.backbone", m.backbone,
-           "hf (a pretrained encoder) for data.dataset=classify")
-    _check(d.dataset != "task" or m.backbone == "builtin", "model.backbone", m.backbone,
-           "builtin for data.dataset=task (task vocabularies are characters, not a pretrained tokenizer's)")
+    _check(bool(d.path) or dataset.path != "required", "data.path", d.path,
+           f"{dataset.path_rule} for data.dataset={d.dataset}")
+    _check(not dataset.backbone or m.backbone == dataset.backbone, "model.backbone", m.backbone,
+           f"{dataset.backbone} for data.dataset={d.dataset} ({dataset.backbone_rule})")
     _check(d.task_length >= 1, "data.task_length", d.task_length, ">= 1")
     _check(d.seed >= 0, "data.seed", d.seed, ">= 0")
     for key in ("num_train", "num_valid", "num_test"):
@@ -312,9 +306,9 @@ def validate(cfg: Config) -> Config:
     _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
            "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")
     if parse_curriculum(t.curriculum) is not None:
-        _check(d.dataset in SAMPLE_DATASETS, "train.curriculum", t.curriculum,
-               f"empty unless data.dataset is one of {', '.join(SAMPLE_DATASETS)} (samples of segments)")
-        _check(d.dataset != "task" or d.task.startswith("retrieval"), "train.curriculum", t.curriculum,
+        _check(dataset.samples, "train.curriculum", t.curriculum,
+               f"empty unless data.dataset is one of {', '.join(sample_datasets())} (samples of segments)")
+        _check(dataset.workload != "task" or d.task.startswith("retrieval"), "train.curriculum", t.curriculum,
                f"empty for data.task={d.task} (of the tasks only retrieval_* grow with the segment count)")
         # DeepSpeed's accumulation count is fixed at initialisation: it must not depend on the segments.
         one_backward = (mem.bptt_unroll == -1 and not mem.replay_backprop) or (

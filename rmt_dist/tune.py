@@ -44,11 +44,12 @@ from typing import Any, Iterator, Mapping, Sequence
 from ray.tune import Callback as TuneCallback
 
 from rmt_dist import report as R
-from rmt_dist.config import KEY_TYPES, SAMPLE_DATASETS, Config, ConfigError, _coerce, apply_overrides, from_flat, help_text, \
+from rmt_dist.config import KEY_TYPES, Config, ConfigError, _coerce, apply_overrides, from_flat, help_text, \
     parse_args, to_flat, validate
 from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.presets import PRESETS
 from rmt_dist.train import metrics as M
+from rmt_dist.workload_kinds import validation_metric
 
 JOBS = tuple(PRESETS)
 # The default search space: memory size x BPTT unroll (PAPERS.md section 4's main axes); 0 = baseline.
@@ -299,11 +300,7 @@ def describe_point(cfg: Config, keys: Sequence[str]) -> str:
 
 def metric_of(cfg: Config) -> tuple[str, str]:
     """The validation metric a workload is judged by, and whether lower is better."""
-    if cfg.data.dataset in SAMPLE_DATASETS:
-        return M.PRIMARY["acc"]
-    from rmt_dist.data.corpus import LM_DATASETS
-
-    return M.PRIMARY[LM_DATASETS[cfg.data.dataset][1]]
+    return M.PRIMARY[validation_metric(cfg.data.dataset, hf_tokenizer=cfg.model.backbone == "hf")]
 
 
 # ------------------------------------------------------------------------------------------ the spec

@@ -206,7 +206,7 @@ def test_incomplete_or_empty_corpus_is_one_clear_line(tmp_path, texts, message):
     ("enwik8", "nowhere/enwik8", "data.path '{tmp}/nowhere/enwik8' does not exist (expected the enwik8 file"),
     ("enwik8", "", "data.path must be the enwik8 file"),
     ("wikitext-103", "http://example.com/wt103", "data.path must be a local path or s3://bucket/prefix"),
-    ("wikitext-2", "", "data.dataset must be one of smoke, wikitext-103, smoke-bytes, wikitext-103-raw, enwik8"),
+    ("wikitext-2", "", "data.dataset must be one of smoke, smoke-bytes, wikitext-103, wikitext-103-raw, enwik8"),
     ("wikitext-103", "latin1", "wiki.train.tokens' must be UTF-8 text (invalid continuation byte)"),
 ])
 def test_bad_corpus_input_is_one_clear_line(tmp_path, dataset, path, message):

@@ -14,15 +14,8 @@ from rmt_dist.data import sources
 from rmt_dist.data.cache import build_once, cache_root, entry_key
 from rmt_dist.data.errors import DataError
 from rmt_dist.data.tokenizers import SPLITS, hf_fingerprint, tokenize_bytes, tokenize_hf, tokenize_words
+from rmt_dist.workload_kinds import DATASETS, validation_metric
 
-# dataset -> (tokenizer level, metric); word level reports perplexity, byte level bits per character
-LM_DATASETS: dict[str, tuple[str, str]] = {
-    "smoke": ("word", "ppl"),
-    "wikitext-103": ("word", "ppl"),
-    "smoke-bytes": ("byte", "bpc"),
-    "wikitext-103-raw": ("byte", "bpc"),
-    "enwik8": ("byte", "bpc"),
-}
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ def _text(source: sources.Source, split: str) -> Iterable[str]:
 
 
 def _tokenize(dataset: str, source: sources.Source, out: Path, tokenizer: str) -> None:
-    level = LM_DATASETS[dataset][0]
+    level = DATASETS[dataset].level
     if tokenizer:
         vocab_size = tokenize_hf({split: _text(source, split) for split in SPLITS}, tokenizer, out)
         level = "hf"
@@ -78,18 +71,16 @@ def load_lm_corpus(data_cfg: DataConfig, tokenizer: str = "") -> LMCorpus:
     Safe to call from several processes at once: one tokenizes, the others wait and memory-map its result.
     Raises DataError (one line) for an unknown dataset, missing files or an empty split.
     """
-    if data_cfg.dataset not in LM_DATASETS:
-        raise DataError(f"data.dataset must be one of {', '.join(LM_DATASETS)} for language modelling, "
-                        f"got {data_cfg.dataset!r}")
+    lm = [name for name, kind in DATASETS.items() if kind.workload == "lm"]
+    if data_cfg.dataset not in lm:
+        raise DataError(f"data.dataset must be one of {', '.join(lm)} for language modelling, got {data_cfg.dataset!r}")
     root = cache_root(data_cfg.cache_dir)
     source = sources.resolve(data_cfg, root)
-    level, metric = LM_DATASETS[data_cfg.dataset]
+    level = DATASETS[data_cfg.dataset].level
     key = entry_key(source=source.fingerprint, tokenizer=["hf", hf_fingerprint(tokenizer)] if tokenizer else level)
-    if tokenizer:
-        metric = "ppl"
     entry = root / "lm" / f"{data_cfg.dataset}-{key}"
     built = build_once(entry, lambda tmp: _tokenize(data_cfg.dataset, source, tmp, tokenizer))
     meta = json.loads((entry / "meta.json").read_text())
     train, valid, test = (np.load(entry / f"{split}.npy", mmap_mode="r") for split in SPLITS)
     return LMCorpus(name=data_cfg.dataset, train=train, valid=valid, test=test, vocab_size=meta["vocab_size"],
-                    metric=metric, path=entry, cached=not built)
+                    metric=validation_metric(data_cfg.dataset, bool(tokenizer)), path=entry, cached=not built)

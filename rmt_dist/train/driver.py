@@ -23,6 +23,8 @@ from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
 from rmt_dist.storage import Storage, check_writable, redact, resolve
 from rmt_dist.train import metrics as M
 from rmt_dist.train.loop import train_loop_per_worker
+from rmt_dist.train.workloads import workload_class
+from rmt_dist.workload_kinds import dataset_kind
 
 
 @ray.remote(num_cpus=0)
@@ -70,25 +72,8 @@ def prepare_data(cfg: Config) -> Config:
 
     Raises ConfigError / DataError (one line) for missing files, empty corpora, bad sizes.
     """
-    from rmt_dist.data import load_lm_corpus, load_task_splits
-    from rmt_dist.data.corpus import hf_tokenizer
-
     model_vocab = _check_hf_model(cfg) if cfg.model.backbone == "hf" else None
-    if cfg.data.dataset == "task":
-        vocab = load_task_splits(cfg.data).vocab_size
-    elif cfg.data.dataset == "classify":
-        from rmt_dist.data.classify import load_classify_splits
-
-        vocab = load_classify_splits(cfg.data, cfg.model.hf_name_or_path).num_classes
-    else:
-        corpus = load_lm_corpus(cfg.data, hf_tokenizer(cfg))
-        vocab = corpus.vocab_size
-        needed = cfg.data.segment_len * cfg.data.num_segments * cfg.train.batch_size * cfg.scaling.num_workers
-        for split, tokens in (("train", corpus.train), ("valid", corpus.valid)):
-            if len(tokens) <= needed:
-                raise ConfigError(
-                    f"data: the {split} split has {len(tokens)} tokens, fewer than one window of "
-                    f"data.segment_len x data.num_segments x train.batch_size x scaling.num_workers = {needed}")
+    vocab = workload_class(cfg).prepare(cfg)
     if model_vocab is not None and vocab > model_vocab:
         raise ConfigError(f"model.hf_name_or_path must have a vocabulary of at least its tokenizer's {vocab} ids, "
                           f"got {model_vocab}")
@@ -111,10 +96,11 @@ def _check_hf_model(cfg: Config) -> int | None:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model.hf_name_or_path must be a Hugging Face model (a hub name or a directory with "
                           f"config.json), got {path!r} ({reason})") from None
-    if cfg.data.dataset == "classify" and causal:
+    wants_encoder = dataset_kind(cfg.data.dataset).workload == "classify"
+    if wants_encoder and causal:
         raise ConfigError(f"model.hf_name_or_path must be an encoder (BERT, RoBERTa, DeBERTa) for "
                           f"data.dataset=classify, got the causal LM {path!r}")
-    if cfg.data.dataset != "classify" and not causal:
+    if not wants_encoder and not causal:
         raise ConfigError(f"model.hf_name_or_path must be a causal LM for data.dataset={cfg.data.dataset}, got the "
                           f"encoder {path!r} (encoders: data.dataset=classify)")
     return AutoConfig.from_pretrained(path).vocab_size if causal else None

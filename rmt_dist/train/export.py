@@ -15,6 +15,7 @@ import torch
 from rmt_dist.config import Config
 from rmt_dist.model import build_model, save_pretrained
 from rmt_dist.train.checkpoint import DS_TAG
+from rmt_dist.train.workloads import workload_class
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -30,10 +31,8 @@ def export_checkpoint(cfg: Config, checkpoint_dir: Path, out: str | Path) -> Non
 
     model = build_model(cfg, cfg.model.vocab_size)
     model.load_state_dict(consolidated_state_dict(checkpoint_dir, cfg.deepspeed.zero_stage))
-    if cfg.data.dataset == "classify":  # the class names, where Hugging Face keeps them
-        from rmt_dist.data.classify import load_classify_splits
-
-        classes = load_classify_splits(cfg.data, cfg.model.hf_name_or_path).classes
+    classes = workload_class(cfg).class_names(cfg)
+    if classes is not None:  # a classifier's class names, where Hugging Face keeps them
         model.backbone.hf.config.id2label = dict(enumerate(classes))
         model.backbone.hf.config.label2id = {c: i for i, c in enumerate(classes)}
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_name_or_path)

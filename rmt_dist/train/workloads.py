@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from rmt_dist.config import Config, apply_overrides
-from rmt_dist.data import LMStreams, load_lm_corpus, load_task_splits, task_batches
+from rmt_dist.data import DataError, LMStreams, load_lm_corpus, load_task_splits, task_batches
 from rmt_dist.data.classify import IGNORE_INDEX, last_label_only, load_classify_splits
 from rmt_dist.data.corpus import hf_tokenizer
 from rmt_dist.model import MemoryModel, Segment, StepStats, StreamState, evaluate_segments, forward_segments, \
@@ -21,6 +21,7 @@ from rmt_dist.model import MemoryModel, Segment, StepStats, StreamState, evaluat
 from rmt_dist.model.recurrence import Backward
 from rmt_dist.train import metrics as M
 from rmt_dist.train.curriculum import Curriculum
+from rmt_dist.workload_kinds import dataset_kind
 
 
 def _to(segments: list[Segment], device: torch.device) -> list[Segment]:
@@ -33,6 +34,24 @@ def stream_to(stream: StreamState, device: torch.device) -> StreamState:
 
 class LMWorkload:
     """Transformer-XL-style streams: ``batch x world`` contiguous streams, this rank reads its own."""
+
+    @staticmethod
+    def prepare(cfg: Config) -> int:
+        """On the driver, before any worker: tokenize the corpus once (workers then hit the cache), check
+        that each split holds a window of every stream; returns the vocabulary size."""
+        corpus = load_lm_corpus(cfg.data, hf_tokenizer(cfg))
+        needed = cfg.data.segment_len * cfg.data.num_segments * cfg.train.batch_size * cfg.scaling.num_workers
+        for split, tokens in (("train", corpus.train), ("valid", corpus.valid)):
+            if len(tokens) <= needed:
+                raise DataError(
+                    f"data: the {split} split has {len(tokens)} tokens, fewer than one window of "
+                    f"data.segment_len x data.num_segments x train.batch_size x scaling.num_workers = {needed}")
+        return corpus.vocab_size
+
+    @staticmethod
+    def class_names(cfg: Config) -> list[str] | None:
+        """What the output classes are called, for an exported model's config (None: a vocabulary)."""
+        return None
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -81,6 +100,12 @@ class TaskWorkload:
     (retrieval tasks) a stage of k < K segments trains on the same task made k segments long."""
 
     metric = "acc"
+    class_names = LMWorkload.class_names
+
+    @staticmethod
+    def prepare(cfg: Config) -> int:
+        """On the driver: generate the splits once; returns the vocabulary size."""
+        return load_task_splits(cfg.data).vocab_size
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -169,6 +194,15 @@ class ClassifyWorkload(TaskWorkload):
     """Long documents, one class each (``data/classify.py``); a curriculum stage reads the first k
     segments of each document. Validation adds macro F1 over the classes."""
 
+    @staticmethod
+    def prepare(cfg: Config) -> int:
+        """On the driver: read and tokenize the documents once; returns the number of classes."""
+        return load_classify_splits(cfg.data, cfg.model.hf_name_or_path).num_classes
+
+    @staticmethod
+    def class_names(cfg: Config) -> list[str] | None:
+        return load_classify_splits(cfg.data, cfg.model.hf_name_or_path).classes
+
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         self._documents = load_classify_splits(cfg.data, cfg.model.hf_name_or_path)
         super().__init__(cfg, rank, world, device)
@@ -205,9 +239,14 @@ class ClassifyWorkload(TaskWorkload):
         return {M.VAL_F1: M.macro_f1(tp, fp, fn)}
 
 
+WORKLOADS: dict[str, type[LMWorkload] | type[TaskWorkload]] = {
+    "lm": LMWorkload, "task": TaskWorkload, "classify": ClassifyWorkload}
+
+
+def workload_class(cfg: Config) -> type[LMWorkload] | type[TaskWorkload]:
+    """The class that trains ``data.dataset`` (``rmt_dist/workload_kinds.py`` says which workload it is)."""
+    return WORKLOADS[dataset_kind(cfg.data.dataset).workload]
+
+
 def make_workload(cfg: Config, rank: int, world: int, device: torch.device) -> LMWorkload | TaskWorkload:
-    if cfg.data.dataset == "classify":
-        return ClassifyWorkload(cfg, rank, world, device)
-    if cfg.data.dataset == "task":
-        return TaskWorkload(cfg, rank, world, device)
-    return LMWorkload(cfg, rank, world, device)
+    return workload_class(cfg)(cfg, rank, world, device)
