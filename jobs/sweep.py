@@ -13,7 +13,7 @@ every flag and config key.
 
 import sys
 
-from rmt_dist.tune import main
+from rmt_dist.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from rmt_dist.memory_kinds import MEMORY_KINDS, kinds_where
 from rmt_dist.workload_kinds import DATASETS, TASKS, sample_datasets
@@ -347,19 +347,20 @@ def help_text(presets: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
-               default_preset: str = "smoke", aliases: Mapping[str, str] | None = None) -> Config:
-    """``--preset NAME`` then ``--section.key VALUE`` (or ``=VALUE``) pairs -> a validated Config.
+@dataclass
+class CommandLine:
+    """A command line read once: ``--preset``, the dotted overrides and the caller's own flags."""
 
-    ``aliases`` maps short flags to keys (``{"task": "data.task"}``). Prints help and exits 0 on
-    ``--help``; raises ConfigError on anything else that is wrong.
-    """
+    preset: str | None  # None when --preset was not given
+    overrides: list[tuple[str, str]]  # (dotted key or alias, value) in the order given; the last one wins
+    extra: dict[str, list[str]]  # each of the caller's own flags that was given: its values in order
+
+
+def read_args(argv: Sequence[str], extra: Collection[str] = ()) -> CommandLine:
+    """Split ``--name VALUE`` / ``--name=VALUE`` pairs into the preset, config overrides and the flags
+    named in ``extra`` (a script's own flags, e.g. the sweep's ``--job``). ConfigError if malformed."""
     args = list(argv)
-    if "--help" in args or "-h" in args:
-        print(help_text(presets))
-        raise SystemExit(0)
-    preset = default_preset
-    overrides: dict[str, str] = {}
+    line = CommandLine(preset=None, overrides=[], extra={})
     i = 0
     while i < len(args):
         arg = args[i]
@@ -373,13 +374,36 @@ def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
             i += 1
         i += 1
         if key == "preset":
-            preset = value
+            line.preset = value
+        elif key in extra:
+            line.extra.setdefault(key, []).append(value)
         else:
-            overrides[(aliases or {}).get(key, key)] = value
+            line.overrides.append((key, value))
+    return line
+
+
+def config_from_args(line: CommandLine, presets: Mapping[str, Mapping[str, Any]], default_preset: str = "smoke",
+                     aliases: Mapping[str, str] | None = None) -> Config:
+    """The preset named on the command line (else ``default_preset``) with its overrides -> a validated
+    Config. ``aliases`` maps short flags to keys (``{"task": "data.task"}``)."""
+    preset = default_preset if line.preset is None else line.preset
     if preset not in presets:
         raise ConfigError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
-    cfg = apply_overrides(from_flat(presets[preset]), overrides)
-    return validate(cfg)
+    overrides = {(aliases or {}).get(key, key): value for key, value in line.overrides}
+    return validate(apply_overrides(from_flat(presets[preset]), overrides))
+
+
+def parse_args(argv: Sequence[str], presets: Mapping[str, Mapping[str, Any]],
+               default_preset: str = "smoke", aliases: Mapping[str, str] | None = None) -> Config:
+    """``--preset NAME`` then ``--section.key VALUE`` (or ``=VALUE``) pairs -> a validated Config.
+
+    ``aliases`` maps short flags to keys (``{"task": "data.task"}``). Prints help and exits 0 on
+    ``--help``; raises ConfigError on anything else that is wrong.
+    """
+    if "--help" in argv or "-h" in argv:
+        print(help_text(presets))
+        raise SystemExit(0)
+    return config_from_args(read_args(argv), presets, default_preset, aliases)
 
 
 def exit_on_config_error(err: ConfigError) -> typing.NoReturn:

@@ -1,7 +1,7 @@
 """Sweep results: one table (CSV, Markdown, terminal), the quality-vs-memory plot with its Pareto frontier,
 and the validation curves of every trial.
 
-The sweep writes these as artifacts of its MLflow parent run when it ends (``rmt_dist.tune``); this
+The sweep writes these as artifacts of its MLflow parent run when it ends (``rmt_dist.sweep``); this
 module also reads them back from MLflow for people who live in a shell::
 
     python -m rmt_dist.report --experiment lm_wikitext_sweeps             # the latest sweep, best first
@@ -25,20 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from rmt_dist.config import KEY_TYPES, Config, _coerce
 from rmt_dist.memory_kinds import MEMORY_KINDS
+from rmt_dist.tracking import ERROR_TAG, METRIC_TAG, MODE_TAG, PAPER_ROW_TAG, PAPER_VALUE_TAG, ROLE_TAG, \
+    SEARCH_PARAM_PREFIX, STOPPED_TAG, SWEEP_TAG, TRIAL_TAG, tracking_uri
 from rmt_dist.train import metrics as M
-
-# Tags shared by the sweep (writer) and this module (reader).
-SWEEP_TAG = "rmt_dist.sweep"  # the sweep's name, on the parent and on every trial's run
-ROLE_TAG = "rmt_dist.sweep_role"  # "parent" or "trial"
-TRIAL_TAG = "rmt_dist.trial_id"
-METRIC_TAG = "rmt_dist.metric"  # on the parent: the validation metric the sweep is judged by
-MODE_TAG = "rmt_dist.mode"  # min or max
-PAPER_ROW_TAG = "rmt_dist.paper_row"
-PAPER_VALUE_TAG = "rmt_dist.paper_value"
-STOPPED_TAG = "rmt_dist.stopped_early"  # "true" when the scheduler (ASHA) stopped the trial
-ERROR_TAG = "rmt_dist.error"  # the one-line reason a trial failed
-SEARCH_PARAM_PREFIX = "search."  # the parent's params that describe the search space
 
 STATUSES = ("done", "stopped", "failed", "running")
 
@@ -330,8 +321,6 @@ def _trial_status(run: Any) -> str:
 
 def record_from_run(client: Any, run: Any, metric: str, mode: str, swept_keys: Sequence[str]) -> TrialRecord:
     """A trial's record from its MLflow run: params for the configuration, metric histories for figures."""
-    from rmt_dist.config import KEY_TYPES, _coerce
-
     params, tags = run.data.params, run.data.tags
 
     def param(key: str) -> Any:
@@ -389,9 +378,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import mlflow
-
-    from rmt_dist.config import Config
-    from rmt_dist.tracking import tracking_uri
 
     cfg = Config()
     cfg.mlflow.tracking_uri = args.tracking_uri

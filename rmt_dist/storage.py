@@ -86,3 +86,20 @@ def check_writable(storage: Storage) -> None:
     except (OSError, pa.ArrowException) as err:
         reason = redact(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise ConfigError(f"storage.path must be writable, got {redact(storage.uri)!r} ({reason})") from None
+
+
+def read_text(storage: Storage, path: str) -> str | None:
+    """The text of the file at ``path`` (a path under ``storage.ray_path``), or None if there is none."""
+    fs = storage.filesystem or pafs.LocalFileSystem()
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.readall().decode()
+
+
+def write_text(storage: Storage, path: str, text: str) -> None:
+    """Write ``text`` to ``path`` (a path under ``storage.ray_path``), creating its directory."""
+    fs = storage.filesystem or pafs.LocalFileSystem()
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())

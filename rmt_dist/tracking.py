@@ -16,7 +16,24 @@ from typing import Any, Mapping
 from rmt_dist.config import Config, to_flat
 from rmt_dist.storage import endpoint_url, redact
 
-RUN_NAME_TAG = "rmt_dist.run_name"
+# Names this project gives MLflow tags and params: written by the driver and the sweep, read by the
+# report (``rmt_dist.report``) and by resumes.
+RUN_NAME_TAG = "rmt_dist.run_name"  # the run's name, by which a rerun finds the run to resume
+SWEEP_TAG = "rmt_dist.sweep"  # the sweep's name, on the parent and on every trial's run
+ROLE_TAG = "rmt_dist.sweep_role"  # "parent" or "trial"
+TRIAL_TAG = "rmt_dist.trial_id"
+POINT_TAG = "rmt_dist.point"  # on a trial: its memory configuration and other searched keys, in words
+GRID_TAG = "rmt_dist.grid"  # on the parent: the paper grid swept, or empty
+METRIC_TAG = "rmt_dist.metric"  # on the parent: the validation metric the sweep is judged by
+MODE_TAG = "rmt_dist.mode"  # min or max
+PAPER_ROW_TAG = "rmt_dist.paper_row"
+PAPER_VALUE_TAG = "rmt_dist.paper_value"
+STOPPED_TAG = "rmt_dist.stopped_early"  # "true" when the scheduler (ASHA) stopped the trial
+ERROR_TAG = "rmt_dist.error"  # the one-line reason a trial failed
+BEST_TRIAL_TAG = "rmt_dist.best_trial"  # on the parent, when the sweep ends: the best trial's id,
+BEST_RUN_ID_TAG = "rmt_dist.best_run_id"  # its run id
+BEST_CONFIG_TAG = "rmt_dist.best_config"  # and its searched values in words
+SEARCH_PARAM_PREFIX = "search."  # the parent's params that describe the search space
 
 
 def tracking_uri(cfg: Config) -> str:

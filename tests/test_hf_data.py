@@ -149,7 +149,8 @@ def test_retrieval_curriculum_stage_is_the_same_task_made_shorter(tmp_path):
 
 
 def test_a_sweep_over_classify_long_is_validated_and_prepared_before_ray(tmp_path):
-    from rmt_dist.tune import parse_sweep_args, prepare, trial_config
+    from rmt_dist.sweep.flags import parse_sweep_args, prepare
+    from rmt_dist.sweep.space import trial_config
 
     bert = bert_dir(tmp_path)
     write_documents(tmp_path / "docs.jsonl", 30)

@@ -1,4 +1,4 @@
-"""Sweeps (rmt_dist.tune, jobs/sweep.py, rmt_dist.report): flags and grids, the baseline row, the
+"""Sweeps (rmt_dist.sweep, jobs/sweep.py, rmt_dist.report): flags and grids, the baseline row, the
 Pareto frontier and the report on fixed tables; then real Ray Tune + Train + DeepSpeed + MLflow runs:
 the smoke sweep interrupted and resumed, and ASHA stopping a trial, a failed trial, and the trial after
 both still getting its workers (ray#54305)."""
@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 from rmt_dist import report as R
-from rmt_dist import tune as T
+from rmt_dist.sweep import flags, paper_grids, runner, space
 from rmt_dist.config import ConfigError
 
 
@@ -34,12 +34,12 @@ def sweep_env() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ flags
 
 def test_search_flags_parse_to_grids_and_ranges():
-    assert T.parse_search("memory.num_tokens=1,5,10") == T.Dim("memory.num_tokens", "grid", values=(1, 5, 10))
-    assert T.parse_search("memory.kind=xl,rmt,rmt_xl").values == ("xl", "rmt", "rmt_xl")
-    lr = T.parse_search("train.lr=loguniform:1e-4:1e-2")
+    assert space.parse_search("memory.num_tokens=1,5,10") == space.Dim("memory.num_tokens", "grid", values=(1, 5, 10))
+    assert space.parse_search("memory.kind=xl,rmt,rmt_xl").values == ("xl", "rmt", "rmt_xl")
+    lr = space.parse_search("train.lr=loguniform:1e-4:1e-2")
     assert (lr.kind, lr.low, lr.high) == ("loguniform", 1e-4, 1e-2)
-    assert T.parse_search("memory.bptt_unroll=randint:0:4").ends() == [0, 4]
-    assert T.parse_search("train.seed=choice:1,2").kind == "choice"
+    assert space.parse_search("memory.bptt_unroll=randint:0:4").ends() == [0, 4]
+    assert space.parse_search("train.seed=choice:1,2").kind == "choice"
     for text, message in [
         ("memory.foo=1", "unknown config key 'memory.foo' in --search"),
         ("memory.num_tokens=1,x", "memory.num_tokens must be an integer, got 'x'"),
@@ -51,24 +51,24 @@ def test_search_flags_parse_to_grids_and_ranges():
         ("memory.num_tokens=1,1", "listed twice"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            T.parse_search(text)
+            space.parse_search(text)
 
 
 def test_memory_size_zero_is_the_baseline_row_and_runs_once():
-    spec = T.parse_sweep_args(["--preset", "smoke"])
+    spec = flags.parse_sweep_args(["--preset", "smoke"])
     assert spec.num_trials == 4 and spec.dropped == 2  # {0,4} x {0,1,2}: the baseline once, not 3 times
     assert [p["label"] for p in spec.points] == ["none (0, 0)", "rmt (4, 0)", "rmt (4, 1)", "rmt (4, 2)"]
     assert spec.points[0]["overrides"]["memory.kind"] == "none"
     assert (spec.metric, spec.mode) == ("val_ppl", "min")
 
-    default = T.parse_sweep_args(["--preset", "smoke", "--search", "memory.num_tokens=0,1,5,10,25",
-                                  "--search", "memory.bptt_unroll=0,1,2,4"])
+    default = flags.parse_sweep_args(["--preset", "smoke", "--search", "memory.num_tokens=0,1,5,10,25",
+                                      "--search", "memory.bptt_unroll=0,1,2,4"])
     assert default.num_trials == 17  # 5 x 4 grid points, memory 0 once
-    xl = T.parse_sweep_args(["--search", "memory.kind=rmt_xl", "--search", "memory.num_tokens=0,2",
-                             "--memory.xl_len", "4"])
+    xl = flags.parse_sweep_args(["--search", "memory.kind=rmt_xl", "--search", "memory.num_tokens=0,2",
+                                 "--memory.xl_len", "4"])
     assert [p["label"] for p in xl.points] == ["xl (4, 1)", "rmt_xl (4+2, 1)"]  # rmt_xl with no tokens is xl
-    mixed = T.parse_sweep_args(["--job", "algorithmic", "--search", "memory.kind=none,rmt",
-                                "--search", "train.lr=loguniform:1e-4:1e-2", "--num-samples", "3"])
+    mixed = flags.parse_sweep_args(["--job", "algorithmic", "--search", "memory.kind=none,rmt",
+                                    "--search", "train.lr=loguniform:1e-4:1e-2", "--num-samples", "3"])
     assert mixed.num_trials == 6 and mixed.metric == "val_acc" and mixed.mode == "max"
 
 
@@ -92,22 +92,22 @@ def test_bad_sweep_input_is_one_line_and_exit_2_before_ray(args, message, tmp_pa
 def test_paper_grids_expand_to_valid_trials_beside_the_published_figures():
     counts = {"wt103_seg150": 17, "wt103_seg50": 22, "enwik8_seg128": 14, "copy_segments": 7, "reverse_segments": 4}
     for name, count in counts.items():
-        spec = T.parse_sweep_args(["--grid", name, "--preset", "smoke"])
+        spec = flags.parse_sweep_args(["--grid", name, "--preset", "smoke"])
         assert spec.num_trials == count, name
-        assert spec.metric == T.GRIDS[name].metric
+        assert spec.metric == paper_grids.GRIDS[name].metric
         assert all(p["paper_row"] and p["paper_value"] > 0 for p in spec.points), name
-    seg150 = {p["paper_row"]: p for p in T.parse_sweep_args(["--grid", "wt103_seg150", "--preset", "smoke"]).points}
+    seg150 = {p["paper_row"]: p for p in flags.parse_sweep_args(["--grid", "wt103_seg150", "--preset", "smoke"]).points}
     assert seg150["Baseline"]["overrides"]["memory.kind"] == "none" and seg150["Baseline"]["paper_value"] == 29.95
     assert seg150["RMT 10 BPTT 2"]["overrides"]["memory.bptt_unroll"] == 2
     assert seg150["RMT 10 BPTT 2"]["paper_value"] == 25.32
     assert seg150["Tr-XL + RMT 150+10 BPTT 3, 2x steps"]["overrides"]["train.max_steps"] == 40  # smoke: 20 steps
-    copy = {p["paper_row"]: p["overrides"] for p in T.parse_sweep_args(["--grid", "copy_segments"]).points}
+    copy = {p["paper_row"]: p["overrides"] for p in flags.parse_sweep_args(["--grid", "copy_segments"]).points}
     row = copy["copy 120 / 6 segments, RMT"]
     assert (row["data.task_length"], row["data.segment_len"], row["data.num_segments"]) == (120, 60, 6)
     # The grid's base keys are scalable, its row keys are not.
-    assert T.parse_sweep_args(["--grid", "wt103_seg50", "--data.segment_len", "16"]).base["data.segment_len"] == 16
+    assert flags.parse_sweep_args(["--grid", "wt103_seg50", "--data.segment_len", "16"]).base["data.segment_len"] == 16
     with pytest.raises(ConfigError, match="--job must be lm_enwik8 for --grid enwik8_seg128"):
-        T.parse_sweep_args(["--grid", "enwik8_seg128", "--job", "lm_wikitext"])
+        flags.parse_sweep_args(["--grid", "enwik8_seg128", "--job", "lm_wikitext"])
 
 
 # -------------------------------------------------------------------------------- table, frontier, plots
@@ -269,14 +269,14 @@ def test_asha_stops_a_trial_a_failed_trial_is_recorded_and_the_next_trials_get_t
     import ray
 
     monkeypatch.setenv("RMT_DIST_FAULT_AT_STEP", f"1:0:{tmp_path / 'fault-marker'}")
-    spec = T.parse_sweep_args([
+    spec = flags.parse_sweep_args([
         "--preset", "smoke", "--name", "asha1", "--scheduler", "asha", "--search", "train.lr=0.003,0.01,1e-7,0.005",
         "--train.max_steps", "6", "--train.eval_interval", "2", "--train.warmup_steps", "0",
         "--storage.path", str(tmp_path / "runs"), "--data.cache_dir", data_cache,
         "--mlflow.tracking_uri", mlflow_server, "--mlflow.experiment", "test_sweep_asha"])
-    T.prepare(spec)
+    flags.prepare(spec)
     free_before = ray.available_resources().get("CPU")
-    outcome = T.run_sweep(spec)
+    outcome = runner.run_sweep(spec)
 
     assert not outcome.interrupted
     status = {r.swept["train.lr"]: r for r in outcome.records}
