@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_dist.config import MemoryConfig
+from rmt_dist.constants import IGNORE_INDEX, PAD_ID
 from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.model import ltm as ltm_lib
 from rmt_dist.model.backbone import BlockCausal
-
-IGNORE_INDEX = -100
-PAD_ID = -1  # input_ids value of padding (backbones with supports_padding)
 
 
 @dataclass
@@ -111,7 +109,7 @@ class InitialMemory(nn.Module):
 
 
 class MemoryModel(nn.Module):
-    """A backbone plus one memory kind; ``step`` is the per-segment computation.
+    """A backbone plus one memory kind; ``forward`` is the per-segment computation.
 
     ``backbone`` provides ``embed_tokens(ids)``, ``forward(x, mask, caches, return_layer_inputs, side)``,
     ``logits(h)``, ``d_model``, ``n_layers`` and ``n_heads`` (see ``backbone.TransformerBackbone``).
@@ -186,11 +184,6 @@ class MemoryModel(nn.Module):
             ltm.append(ltm_lib.update(coeffs, leaving.to(dtype), centres, widths, tau=self.ltm_tau,
                                       ridge=self.ltm_ridge, samples=self.ltm_samples, histogram=histogram))
         return None if all(c is None for c in ltm) else tuple(ltm)
-
-    def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
-             with_logits: bool = True) -> SegmentOutput:
-        """One segment, through the module call so that forward hooks run."""
-        return self(input_ids, labels, state, with_logits=with_logits)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
                 with_logits: bool = True) -> SegmentOutput:

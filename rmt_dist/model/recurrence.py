@@ -1,7 +1,7 @@
 """The recurrence over segments: forward, BPTT modes and memory-replay backprop.
 
 ``model`` is a MemoryModel or a DeepSpeed engine wrapping one: it is called (``model(ids, labels,
-state)``), never ``model.step``, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
+state)``), never unwrapped to its module, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
 gradients across backward calls only then). A ``Segment`` is ``(input_ids, labels)``, both [B, L],
 labels already aligned (IGNORE_INDEX = no loss). Training functions take a ``backward`` callable
 (``Tensor.backward`` in plain PyTorch, ``engine.backward`` under DeepSpeed; it must not rescale the
@@ -34,9 +34,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from rmt_dist.model.memory import IGNORE_INDEX, MemoryModel, MemoryState, SegmentOutput
+from rmt_dist.constants import IGNORE_INDEX, Segment
+from rmt_dist.model.memory import MemoryModel, MemoryState, SegmentOutput
 
-Segment = tuple[Tensor, Tensor]
 Backward = Callable[[Tensor], None]
 
 
