@@ -18,12 +18,12 @@ VAL_PPL = "val_ppl"
 VAL_BPC = "val_bpc"
 VAL_ACC = "val_acc"
 VAL_F1 = "val_f1"  # classification: macro F1 over the classes
-SEGMENTS = "segments"  # with train.curriculum: segments per sample in the interval reported
+SEGMENTS = "segments"  # sample workloads (tasks, classification): segments per sample the evaluation ran at
+# (data.num_segments, or the stage of train.curriculum)
 TOKENS_PER_S = "tokens_per_s"
 PEAK_MEM_BYTES = "peak_mem_bytes"
 MEMORY_STATE_BYTES = "memory_state_bytes"
 STEP = "step"
-EPOCH = "epoch"
 MFU = "mfu"
 
 # Which validation metric a workload is judged by, and whether lower is better.
