@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -84,6 +84,19 @@ class StreamState:
 
     state: MemoryState = field(default_factory=MemoryState)
     history: list[Segment] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> "StreamState":
+        return StreamState(state=self.state.map(lambda t: t.to(device)),
+                           history=[(ids.to(device), labels.to(device)) for ids, labels in self.history])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists and dicts (``torch.load(weights_only=True)`` reads them back), on their devices."""
+        return {"state": self.state.state_dict(), "history": [list(segment) for segment in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = MemoryState()
+        self.state.load_state_dict(state["state"])
+        self.history = [tuple(segment) for segment in state["history"]]
 
 
 def _labelled(segments: Sequence[Segment]) -> Tensor:

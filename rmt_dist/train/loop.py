@@ -21,7 +21,7 @@ from rmt_dist.config import Config, from_flat
 from rmt_dist.model import build_model
 from rmt_dist.train import checkpoint, metrics as M
 from rmt_dist.train.engine import build_engine, micro_step, model_loading
-from rmt_dist.train.workloads import make_workload, stream_to
+from rmt_dist.train.workloads import make_workload
 
 # Fault injection for the fault-tolerance tests: "STEP:RANK:MARKER_FILE" makes RANK exit hard at STEP,
 # once (the marker file records that it happened).
@@ -79,7 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix=f"rmt_resume_r{rank}_") as directory:
             state = checkpoint.load(engine, Path(resume.to_directory(directory)), rank, world)
         step = state.step
-        workload.restore(state.data_position, state.stream)
+        workload.load_state_dict(state.workload)
         torch.set_rng_state(state.rng_cpu)
         if state.rng_cuda is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state.rng_cuda, device)
@@ -141,11 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if peak_flops:
             report[M.MFU] = M.mfu(tokens_per_s / world, n_params, model.backbone.n_layers, model.backbone.d_model,
                                   cfg.data.segment_len, peak_flops)
-        stream = getattr(workload, "stream_state", None)
         trainer_state = checkpoint.TrainerState(
-            step=step, data_position=workload.position(),
-            stream=None if stream is None else stream_to(stream, torch.device("cpu")),
-            rng_cpu=torch.get_rng_state(),
+            step=step, workload=workload.state_dict(), rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         with tempfile.TemporaryDirectory(prefix="rmt_ckpt_") as tmp:
             checkpoint.save(engine, trainer_state, Path(tmp), rank, ray.get_runtime_context().get_node_id())
