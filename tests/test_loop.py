@@ -189,3 +189,14 @@ def test_a_task_run_resumes_at_its_curriculum_stage(tmp_path) -> None:
     resumed = train(cfg, tmp_path / "resumed", resume=crashed.last_checkpoint())
     assert_same_losses(resumed, straight, [5, 6], M.VAL_ACC)
     assert resumed.by_step()[6][M.SEGMENTS] == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_dtype_is_the_engines_weight_dtype(precision) -> None:
+    """memory_state_bytes is priced in engine.model_dtype(cfg): DeepSpeed must cast the module to it."""
+    from rmt_dist.model import build_model
+    from rmt_dist.train.engine import build_engine, model_dtype
+
+    cfg = from_flat({**PRESETS["lm_wikitext"]["smoke"], "deepspeed.precision": precision, "scaling.num_workers": 1})
+    engine = build_engine(build_model(cfg, vocab_size=50), cfg)
+    assert {p.dtype for p in engine.module.parameters()} == {model_dtype(cfg)}
