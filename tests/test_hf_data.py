@@ -144,7 +144,7 @@ def test_retrieval_curriculum_stage_is_the_same_task_made_shorter(tmp_path):
     assert (labels != -100).sum(1).eq(8).all()  # the answer (padded to 8) is inside the one segment
     workload.curriculum.update(2)
     workload._follow_curriculum()
-    assert workload.splits.sample_len == 128 and workload.position()["segments"] == 2
+    assert workload.splits.sample_len == 128 and workload.state_dict()["position"]["segments"] == 2
     assert workload.splits.sample_len == load_task_splits(cfg.data).sample_len - 64
 
 

@@ -204,16 +204,16 @@ def test_activation_checkpointing_gives_the_same_gradients_and_sticky_state() ->
 
 
 def test_checkpoint_round_trip_keeps_the_ltm(tmp_path) -> None:
-    from rmt_dist.train.checkpoint import _state_from_dict, _state_to_dict
-
     model = tiny(xl_len=3)
     _, state = forward_segments(model.eval(), segments_of(torch.randint(0, VOCAB, (B, S * L))))
-    torch.save(_state_to_dict(state.detach()), tmp_path / "s.pt")
-    back = _state_from_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    torch.save(state.detach().state_dict(), tmp_path / "s.pt")
+    back = MemoryState()
+    back.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert len(back.ltm) == 2 and len(back.xl) == 2
     for a, b in zip(back.tensors(), state.tensors()):
         assert torch.equal(a, b)
-    old = _state_from_dict({"memory": None, "xl": None})  # written before kind=infinite
+    old = MemoryState()
+    old.load_state_dict({"memory": None, "xl": None})  # written before kind=infinite
     assert old == MemoryState()
 
 

@@ -81,7 +81,7 @@ def manual_unroll(model: MemoryModel, segments, state: MemoryState | None = None
     state = model.init_state() if state is None else state
     outputs = []
     for ids, labels in segments:
-        out = model.step(ids, labels, state)
+        out = model(ids, labels, state)
         outputs.append(out)
         state = out.state
     return outputs, state

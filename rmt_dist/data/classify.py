@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 from rmt_dist.config import DataConfig
+from rmt_dist.constants import IGNORE_INDEX, PAD_ID
 from rmt_dist.data.cache import build_once, cache_root, entry_key
 from rmt_dist.data.errors import DataError
 from rmt_dist.data.task_splits import _fixed_rows, _quiet_datasets
 from rmt_dist.data.tokenizers import hf_fingerprint
 
-IGNORE_INDEX = -100
-PAD_ID = -1  # as rmt_dist.model.memory.PAD_ID (the data layer does not import the model)
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VALID_NAMES = ("valid", "validation", "dev", "test")
 

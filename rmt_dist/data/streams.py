@@ -18,9 +18,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from rmt_dist.constants import Segment
 from rmt_dist.data.errors import DataError
-
-Segment = tuple[torch.Tensor, torch.Tensor]  # (input_ids [B, L], labels [B, L]), as rmt_dist.model uses
 
 
 class LMStreams:

@@ -23,12 +23,11 @@ import pyarrow as pa
 import torch
 
 from rmt_dist.config import DataConfig
+from rmt_dist.constants import IGNORE_INDEX, SPLITS
 from rmt_dist.data.cache import build_once, cache_root, entry_key
 from rmt_dist.data.errors import DataError
 from rmt_dist.data.tasks import SOT, TASKS, CharVocab, Task
 
-IGNORE_INDEX = -100
-SPLITS = ("train", "valid", "test")
 _GENERATION_ORDER = ("test", "valid", "train")  # held-out splits claim their sources first
 
 

@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rmt_dist.constants import SPLITS
+
 EOS, UNK = "<eos>", "<unk>"
-SPLITS = ("train", "valid", "test")
 NEWLINE = ord("\n")
 
 

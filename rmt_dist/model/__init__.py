@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from rmt_dist.config import Config
+from rmt_dist.constants import IGNORE_INDEX, PAD_ID, Segment
 from rmt_dist.model.backbone import TransformerBackbone
 from rmt_dist.model.hf import build_hf_model, from_pretrained, save_pretrained
-from rmt_dist.model.memory import IGNORE_INDEX, PAD_ID, MemoryModel, MemoryState, SegmentOutput
+from rmt_dist.model.memory import MemoryModel, MemoryState, SegmentOutput
 from rmt_dist.model.recurrence import (
-    Segment,
     StepStats,
     StreamState,
     evaluate_segments,

@@ -22,43 +22,67 @@ see cache, read memory and earlier tokens; the write block sees everything.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_dist.config import MemoryConfig
+from rmt_dist.constants import IGNORE_INDEX, PAD_ID
 from rmt_dist.memory_kinds import memory_kind
 from rmt_dist.model import ltm as ltm_lib
 from rmt_dist.model.backbone import BlockCausal
 
-IGNORE_INDEX = -100
-PAD_ID = -1  # input_ids value of padding (backbones with supports_padding)
-
 
 @dataclass
 class MemoryState:
-    """What one segment hands the next. ``None`` fields mean "start of a sequence"."""
+    """What one segment hands the next. ``None`` fields mean "start of a sequence".
+
+    Every field is None, a tensor or a tuple of tensors (one per layer); ``map``, ``tensors`` and the
+    state dict go over the fields, so a new kind of state is one new field here.
+    """
 
     memory: Tensor | None = None  # [B, m, d] H_write of the previous segment (rmt, rmt_xl)
     xl: tuple[Tensor, ...] | None = None  # per layer [B, c, d] cached block inputs (xl, rmt_xl, infinite)
     ltm: tuple[Tensor, ...] | None = None  # per layer [B, N, d] LTM coefficients, fp32 or wider (infinite)
 
+    def _fields(self) -> Iterator[tuple[str, Tensor | tuple[Tensor, ...] | None]]:
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> "MemoryState":
         """The same state with ``fn`` applied to every tensor (detach, ``.to(device)``)."""
-        return MemoryState(
-            memory=None if self.memory is None else fn(self.memory),
-            xl=None if self.xl is None else tuple(fn(c) for c in self.xl),
-            ltm=None if self.ltm is None else tuple(fn(c) for c in self.ltm),
-        )
+        def apply(value: Tensor | tuple[Tensor, ...] | None) -> Tensor | tuple[Tensor, ...] | None:
+            if value is None:
+                return None
+            return fn(value) if isinstance(value, Tensor) else tuple(fn(t) for t in value)
+
+        return MemoryState(**{name: apply(value) for name, value in self._fields()})
 
     def detach(self) -> "MemoryState":
         return self.map(Tensor.detach)
 
     def tensors(self) -> list[Tensor]:
-        return ([] if self.memory is None else [self.memory]) + list(self.xl or ()) + list(self.ltm or ())
+        out: list[Tensor] = []
+        for _, value in self._fields():
+            out.extend(() if value is None else [value] if isinstance(value, Tensor) else value)
+        return out
+
+    def state_dict(self) -> dict[str, Tensor | list[Tensor] | None]:
+        """The fields as tensors and lists of tensors: what ``torch.load(weights_only=True)`` reads back."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in self._fields()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take the fields from a :meth:`state_dict`. A field it lacks is None (the start of a sequence):
+        checkpoints written before a field existed (``ltm``) still load."""
+        names = [f.name for f in dataclasses.fields(self)]
+        if set(state) - set(names):
+            raise ValueError(f"MemoryState has no fields {sorted(set(state) - set(names))}")
+        for name in names:
+            value = state.get(name)
+            setattr(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)
 
     def nbytes(self) -> int:
         """Bytes of recurrent state for the whole batch."""
@@ -111,7 +135,7 @@ class InitialMemory(nn.Module):
 
 
 class MemoryModel(nn.Module):
-    """A backbone plus one memory kind; ``step`` is the per-segment computation.
+    """A backbone plus one memory kind; ``forward`` is the per-segment computation.
 
     ``backbone`` provides ``embed_tokens(ids)``, ``forward(x, mask, caches, return_layer_inputs, side)``,
     ``logits(h)``, ``d_model``, ``n_layers`` and ``n_heads`` (see ``backbone.TransformerBackbone``).
@@ -186,11 +210,6 @@ class MemoryModel(nn.Module):
             ltm.append(ltm_lib.update(coeffs, leaving.to(dtype), centres, widths, tau=self.ltm_tau,
                                       ridge=self.ltm_ridge, samples=self.ltm_samples, histogram=histogram))
         return None if all(c is None for c in ltm) else tuple(ltm)
-
-    def step(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
-             with_logits: bool = True) -> SegmentOutput:
-        """One segment, through the module call so that forward hooks run."""
-        return self(input_ids, labels, state, with_logits=with_logits)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None, state: MemoryState, *,
                 with_logits: bool = True) -> SegmentOutput:

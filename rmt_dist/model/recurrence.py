@@ -1,7 +1,7 @@
 """The recurrence over segments: forward, BPTT modes and memory-replay backprop.
 
 ``model`` is a MemoryModel or a DeepSpeed engine wrapping one: it is called (``model(ids, labels,
-state)``), never ``model.step``, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
+state)``), never unwrapped to its module, so the engine's forward bookkeeping runs (ZeRO-3 accumulates
 gradients across backward calls only then). A ``Segment`` is ``(input_ids, labels)``, both [B, L],
 labels already aligned (IGNORE_INDEX = no loss). Training functions take a ``backward`` callable
 (``Tensor.backward`` in plain PyTorch, ``engine.backward`` under DeepSpeed; it must not rescale the
@@ -29,14 +29,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from rmt_dist.model.memory import IGNORE_INDEX, MemoryModel, MemoryState, SegmentOutput
+from rmt_dist.constants import IGNORE_INDEX, Segment
+from rmt_dist.model.memory import MemoryModel, MemoryState, SegmentOutput
 
-Segment = tuple[Tensor, Tensor]
 Backward = Callable[[Tensor], None]
 
 
@@ -84,6 +84,19 @@ class StreamState:
 
     state: MemoryState = field(default_factory=MemoryState)
     history: list[Segment] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> "StreamState":
+        return StreamState(state=self.state.map(lambda t: t.to(device)),
+                           history=[(ids.to(device), labels.to(device)) for ids, labels in self.history])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, lists and dicts (``torch.load(weights_only=True)`` reads them back), on their devices."""
+        return {"state": self.state.state_dict(), "history": [list(segment) for segment in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = MemoryState()
+        self.state.load_state_dict(state["state"])
+        self.history = [tuple(segment) for segment in state["history"]]
 
 
 def _labelled(segments: Sequence[Segment]) -> Tensor:

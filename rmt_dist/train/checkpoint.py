@@ -1,14 +1,15 @@
 """One checkpoint = DeepSpeed's per-rank files + each rank's trainer state + a manifest per rank.
 
 Every rank saves into its own local directory and reports it; Ray merges them into one checkpoint
-directory in storage. The trainer state holds what DeepSpeed does not: the step, the data position,
-RNG states and the recurrent memory of this rank's streams. Each manifest lists the size and
+directory in storage. The trainer state holds what DeepSpeed does not: the step, RNG states and the
+workload's state dict (its data position and, for LM streams, their recurrent memory). Each manifest lists the size and
 SHA-256 of every file its rank wrote, so a truncated or altered checkpoint is refused at resume
 instead of being loaded silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from rmt_dist.model import MemoryState, StreamState
 
 DS_TAG = "ds"
 
@@ -28,22 +27,26 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainerState:
+    """One rank's part of a checkpoint besides DeepSpeed's; saved with ``torch.save`` and read back with
+    ``weights_only=True``, so every field holds tensors, plain numbers, strings, lists and dicts only."""
+
     step: int
-    data_position: Any  # JSON-serialisable position of this rank's data reader
-    stream: StreamState | None  # recurrent state of this rank's training streams (LM only)
+    workload: dict[str, Any]  # the workload's state_dict(): data position (+ the streams' recurrent state)
     rng_cpu: torch.Tensor
     rng_cuda: torch.Tensor | None
 
 
-def _state_to_dict(state: MemoryState) -> dict:
-    return {"memory": state.memory, "xl": None if state.xl is None else list(state.xl),
-            "ltm": None if state.ltm is None else list(state.ltm)}
-
-
-def _state_from_dict(d: dict) -> MemoryState:
-    ltm = d.get("ltm")  # absent in checkpoints written before kind=infinite
-    return MemoryState(memory=d["memory"], xl=None if d["xl"] is None else tuple(d["xl"]),
-                       ltm=None if ltm is None else tuple(ltm))
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A trainer state written before workloads had state dicts (up to commit ddbbb39) kept the position
+    as JSON and the stream beside it, in the layout ``StreamState.state_dict()`` has now."""
+    if "workload" in payload:
+        return payload
+    old = dict(payload)
+    workload = {"position": json.loads(old.pop("data_position"))}
+    stream = old.pop("stream")
+    if stream is not None:
+        workload["stream"] = stream
+    return {**old, "workload": workload}
 
 
 def _sha256(path: Path) -> str:
@@ -59,11 +62,7 @@ def save(engine: Any, state: TrainerState, directory: Path, rank: int, node_id: 
     node that wrote this rank's shard) goes into the manifest for debugging multi-node runs."""
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=DS_TAG)
-    stream = None
-    if state.stream is not None:
-        stream = {"state": _state_to_dict(state.stream.state), "history": [list(s) for s in state.stream.history]}
-    payload = {"step": state.step, "data_position": json.dumps(state.data_position), "stream": stream,
-               "rng_cpu": state.rng_cpu, "rng_cuda": state.rng_cuda}
+    payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     torch.save(payload, directory / f"trainer_state_rank{rank}.pt")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest_"))
     manifest = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -100,9 +99,4 @@ def load(engine: Any, directory: Path, rank: int, world_size: int) -> TrainerSta
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}")
     payload = torch.load(directory / f"trainer_state_rank{rank}.pt", weights_only=True)
-    stream = None
-    if payload["stream"] is not None:
-        stream = StreamState(state=_state_from_dict(payload["stream"]["state"]),
-                             history=[tuple(s) for s in payload["stream"]["history"]])
-    return TrainerState(step=payload["step"], data_position=json.loads(payload["data_position"]), stream=stream,
-                        rng_cpu=payload["rng_cpu"], rng_cuda=payload["rng_cuda"])
+    return TrainerState(**_upgrade(payload))

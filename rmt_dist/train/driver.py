@@ -21,15 +21,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
 from rmt_dist.storage import Storage, check_writable, redact, resolve
-from rmt_dist.train import metrics as M
-from rmt_dist.train.loop import train_loop_per_worker
+from rmt_dist.train import faults, metrics as M
+from rmt_dist.train.worker import train_loop_per_worker
 from rmt_dist.train.workloads import workload_class
 from rmt_dist.workload_kinds import dataset_kind
 
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Rank 0 posts its latest report here; the driver polls it for the progress line."""
+    """Rank 0 posts each step's metrics here; the driver polls the latest for the progress line."""
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] | None = None
@@ -144,7 +144,7 @@ def build_trainer(cfg: Config, storage: Storage, run_name: str, loop_config: dic
 
 
 # Environment variables that workers (and sweep trials) get from the driver: names of non-secrets only.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "RMT_DIST_FAULT_AT_STEP")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", faults.FAULT_ENV)
 
 
 def _worker_env(cfg: Config) -> dict[str, str]:
@@ -157,10 +157,10 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def _progress_line(report: dict[str, Any], started: float) -> str:
-    step, total = report["step"], report["max_steps"]
+def _progress_line(report: dict[str, Any], total: int, started: float) -> str:
+    step = report[M.STEP]
     eta = (time.time() - started) / max(step, 1) * (total - step)
-    parts = [f"step {step}/{total}", f"loss {report['train_loss']:.3f}"]
+    parts = [f"step {step}/{total}", f"loss {report[M.TRAIN_LOSS]:.3f}"]
     for key in (M.VAL_PPL, M.VAL_BPC, M.VAL_ACC, M.VAL_F1):
         if key in report:
             parts.append(f"{key} {report[key]:.3f}")
@@ -170,7 +170,7 @@ def _progress_line(report: dict[str, Any], started: float) -> str:
     return " | ".join(parts)
 
 
-def _fit_with_progress(trainer: TorchTrainer, board: Any) -> Any:
+def _fit_with_progress(trainer: TorchTrainer, board: Any, total: int) -> Any:
     result: dict[str, Any] = {}
 
     def fit() -> None:
@@ -187,10 +187,10 @@ def _fit_with_progress(trainer: TorchTrainer, board: Any) -> Any:
         thread.join(timeout=1.0)
         report = ray.get(board.get.remote())
         if report and report != shown:
-            line = _progress_line(report, started)
+            line = _progress_line(report, total, started)
             if tty:
                 print("\r" + line.ljust(100), end="", flush=True)
-            elif time.time() - last_print > 10 or report["step"] == report["max_steps"]:
+            elif time.time() - last_print > 10 or report[M.STEP] == total:
                 print(line, flush=True)
                 last_print = time.time()
             shown = report
@@ -218,7 +218,7 @@ def run_training(cfg: Config, job: str, run_name: str | None = None, parent_run_
     board = ProgressBoard.remote()
     trainer = build_trainer(cfg, storage, run_name, {"mlflow_run_id": run_id, "progress": board})
     try:
-        result = _fit_with_progress(trainer, board)
+        result = _fit_with_progress(trainer, board, cfg.train.max_steps)
     except BaseException:
         if run_id:
             from rmt_dist.tracking import finish_run

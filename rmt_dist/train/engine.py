@@ -1,10 +1,16 @@
-"""DeepSpeed: the engine's config from ``deepspeed.*``/``train.*`` and its construction.
+"""DeepSpeed: the engine's config from ``deepspeed.*``/``train.*``, its construction, and what the loop
+asks of it (a backward call, the end-of-step check, the parameter count, the precision).
 
-The only module that imports DeepSpeed. One optimizer step follows several ``backward`` calls (BPTT
-chunks, sliding re-runs, replay): DeepSpeed's own gradient accumulation counts them
-(``gradient_accumulation_steps`` = backward calls per step, ``engine.step()`` after each). Its
-unmanaged mode (``managed_gradient_accumulation: false``, one ``step`` after many backwards) lost
-all but the last backward's gradients under ZeRO-3 here (DeepSpeed 0.19.8), so it is not used.
+The training loop reaches DeepSpeed only through this module. Two others import it for one job each:
+``model/hf.py`` gathers the ZeRO-3-partitioned embedding to scale the initial memory, and
+``train/export.py`` consolidates ZeRO shards (``zero_to_fp32``); the model and the recurrence see only a
+``backward`` callable (:func:`micro_step`).
+
+One optimizer step follows several ``backward`` calls (BPTT chunks, sliding re-runs, replay):
+DeepSpeed's own gradient accumulation counts them (``gradient_accumulation_steps`` = backward calls per
+step, ``engine.step()`` after each). Its unmanaged mode (``managed_gradient_accumulation: false``, one
+``step`` after many backwards) lost all but the last backward's gradients under ZeRO-3 here (DeepSpeed
+0.19.8), so it is not used.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from rmt_dist.config import Config
 
 def use_bf16(cfg: Config) -> bool:
     return cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
+
+
+def model_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the engine's module weights (and of the memory it carries): DeepSpeed's bf16 mode
+    casts the module to bf16 and keeps fp32 masters in the optimizer."""
+    return torch.bfloat16 if use_bf16(cfg) else torch.float32
 
 
 def backward_calls_per_step(cfg: Config) -> int:
@@ -122,3 +134,17 @@ def micro_step(engine: Any, loss: torch.Tensor) -> None:
     DeepSpeed must not divide them by the accumulation count; ``step`` updates only on the boundary."""
     engine.backward(loss, scale_wrt_gas=False)
     engine.step()
+
+
+def check_step_complete(engine: Any) -> None:
+    """After a training step: the optimizer stepped, i.e. the recurrence made as many backward calls as
+    :func:`backward_calls_per_step` promised DeepSpeed (else gradients would leak into the next step)."""
+    if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
+        raise RuntimeError("the recurrence made a different number of backward calls than "
+                           "backward_calls_per_step() promised DeepSpeed")
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, also under ZeRO-3, where each rank holds a partition of each
+    (its full size is ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,161 +1,163 @@
-"""The per-worker training loop that Ray Train runs on every rank.
+"""The training loop, one for every workload (LM streams, tasks, classification), run by every rank.
 
-model -> DeepSpeed engine -> (resume) -> per step: forward/backward per BPTT mode, ``engine.step()``
--> every ``train.eval_interval`` steps: evaluate with memory carried over the validation stream,
-save DeepSpeed shards + trainer state on every rank, ``ray.train.report(metrics, checkpoint)``.
+    run(cfg, ctx, reporter): build the workload, model and DeepSpeed engine -> resume from ``ctx.resume``
+    -> per step: forward/backward per BPTT mode, ``engine.step()``, report ``train_loss`` -> every
+    ``train.eval_interval`` steps and at the last: evaluate with memory carried over the validation
+    stream, save DeepSpeed's shards + this rank's trainer state, report the metrics with the checkpoint.
+
+No Ray here: ``train/worker.py`` is Ray Train's adapter (its context, and a Reporter that feeds
+``ray.train.report``, MLflow and the driver's progress line); ``tests/test_loop.py`` runs ``run`` in
+one process with a recording reporter. ``checkpoint.save`` and a report with a checkpoint are
+collectives: every rank makes them.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
-import ray.train
 import torch
 import torch.distributed as dist
 
-from rmt_dist.config import Config, from_flat
+from rmt_dist.config import Config
 from rmt_dist.model import build_model
 from rmt_dist.train import checkpoint, metrics as M
-from rmt_dist.train.engine import build_engine, micro_step, model_loading
-from rmt_dist.train.workloads import make_workload, stream_to
+from rmt_dist.train.engine import build_engine, check_step_complete, micro_step, model_dtype, model_loading, \
+    parameter_count
+from rmt_dist.train.workloads import LMWorkload, TaskWorkload, make_workload
 
-# Fault injection for the fault-tolerance tests: "STEP:RANK:MARKER_FILE" makes RANK exit hard at STEP,
-# once (the marker file records that it happened).
-FAULT_ENV = "RMT_DIST_FAULT_AT_STEP"
-
-PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+Workload = LMWorkload | TaskWorkload
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at_step, at_rank, marker = spec.split(":", 2)
-    if step == int(at_step) and rank == int(at_rank) and not Path(marker).exists():
-        Path(marker).write_text("killed")
-        os._exit(1)
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this worker stands in the run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    # Fetches the checkpoint to resume from into the directory it is given and returns where it lies
+    # (None: a fresh start).
+    resume: Callable[[Path], Path] | None = None
+    node_id: str = ""  # the machine, recorded in checkpoint manifests
+
+
+class Reporter(Protocol):
+    """The loop's one exit for metrics (names from ``train/metrics.py``)."""
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None = None) -> None:
+        """Called by every rank once per step with ``step`` and ``train_loss``; at an evaluation also the
+        validation metrics, throughput and memory figures, and ``checkpoint``: the directory holding this
+        rank's part of the checkpoint, deleted when the call returns (a collective then)."""
+
+    def close(self) -> None:
+        """After the last step."""
 
 
 def _all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sums over every rank, read on the host: one device sync for the lot."""
     t = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
+@dataclass
+class _Interval:
+    """Training since the last evaluation: its token loss and throughput."""
+
+    loss_sum: float = 0.0
+    n_tokens: float = 0.0
+    tokens_trained: int = 0  # input tokens over every rank
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss_sum: float, n_tokens: float, tokens_trained: int) -> None:
+        self.loss_sum, self.n_tokens = self.loss_sum + loss_sum, self.n_tokens + n_tokens
+        self.tokens_trained += tokens_trained
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {M.TRAIN_LOSS_INTERVAL: self.loss_sum / max(self.n_tokens, 1),
+                M.TOKENS_PER_S: self.tokens_trained / elapsed}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg: Config = from_flat(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def _resume(engine: Any, workload: Workload, ctx: WorkerContext) -> int:
+    """Load the checkpoint ``ctx.resume`` fetches into the engine, the workload and the RNG; its step."""
+    # Each rank fetches into a directory of its own: Ray's shared temporary download directory
+    # (as_directory) raced between the ranks of one node, and one rank may delete it under another.
+    with tempfile.TemporaryDirectory(prefix=f"rmt_resume_r{ctx.rank}_") as directory:
+        state = checkpoint.load(engine, ctx.resume(Path(directory)), ctx.rank, ctx.world_size)
+    workload.load_state_dict(state.workload)
+    torch.set_rng_state(state.rng_cpu)
+    if state.rng_cuda is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state.rng_cuda, ctx.device)
+    return state.step
+
+
+def _train_step(engine: Any, workload: Workload, step: int, device: torch.device) -> tuple[float, float]:
+    """One optimizer step after ``step`` completed ones; the summed token loss and labelled tokens over
+    every rank."""
+    if workload.curriculum:
+        workload.curriculum.update(step)  # a schedule counts completed steps
+    engine.train()
+    stats = workload.train_step(engine, partial(micro_step, engine))
+    check_step_complete(engine)
+    loss_sum, n_tokens = _all_sum([stats.loss_sum, stats.n_tokens], device)  # the step's one host sync
+    return loss_sum, n_tokens
+
+
+def _evaluate(engine: Any, workload: Workload, step: int, device: torch.device) -> dict[str, float]:
+    """Validation metrics over every rank; a threshold curriculum then decides the next steps' stage."""
+    engine.eval()
+    val_loss, val_n, val_correct, *counts = _all_sum(list(workload.evaluate(engine)), device)
+    out = M.validation_metrics(val_loss, int(val_n), int(val_correct), workload.metric)
+    if counts:
+        out.update(workload.extra_metrics(counts))
+    if workload.curriculum:  # the segments evaluated at; a passed threshold adds one for the next steps
+        out[M.SEGMENTS] = workload.curriculum.segments
+        workload.curriculum.update(step, out.get(M.VAL_ACC))
+    return out
+
+
+def run(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> None:
+    """Train from ``ctx.resume`` (or from scratch) to ``train.max_steps``; see the module docstring."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-
-    workload = make_workload(cfg, rank, world, device)
+    workload = make_workload(cfg, ctx.rank, ctx.world_size, ctx.device)
     with model_loading(cfg):
         model = build_model(cfg, workload.vocab_size)
         engine = build_engine(model, cfg)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
-    peak_flops = _peak_flops(device)
-
-    step = 0
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        # Each rank downloads into a directory of its own: Ray's shared temporary download directory
-        # (as_directory) races between the ranks of one node, and one rank may delete it under another.
-        with tempfile.TemporaryDirectory(prefix=f"rmt_resume_r{rank}_") as directory:
-            state = checkpoint.load(engine, Path(resume.to_directory(directory)), rank, world)
-        step = state.step
-        workload.restore(state.data_position, state.stream)
-        torch.set_rng_state(state.rng_cpu)
-        if state.rng_cuda is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state.rng_cuda, device)
+    if ctx.resume is not None:
+        step = _resume(engine, workload, ctx)
     else:
-        torch.manual_seed(cfg.train.seed + 1000 * rank)  # per-rank dropout streams
+        step = 0
+        torch.manual_seed(cfg.train.seed + 1000 * ctx.rank)  # per-rank dropout streams
+    memory_state_bytes = model.state_bytes_per_sequence(model_dtype(cfg))
+    peak_flops = M.peak_flops(ctx.device)  # None but on a known GPU
 
-    logger = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        from rmt_dist.tracking import MetricLogger
-
-        logger = MetricLogger(cfg, loop_config["mlflow_run_id"])
-    progress = loop_config.get("progress")
-
-    def backward(loss: torch.Tensor) -> None:
-        micro_step(engine, loss)
-
-    memory_state_bytes = engine.module.state_bytes_per_sequence(next(engine.module.parameters()).dtype)
-    interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
+    interval = _Interval()
     while step < cfg.train.max_steps:
-        if workload.curriculum:
-            workload.curriculum.update(step)  # a schedule counts completed steps
-        engine.train()
-        stats = workload.train_step(engine, backward)
-        if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
-            raise RuntimeError("the recurrence made a different number of backward calls than "
-                               "backward_calls_per_step() promised DeepSpeed")
+        loss_sum, n_tokens = _train_step(engine, workload, step, ctx.device)
         step += 1
-        _maybe_inject_fault(step, rank)
-        loss_sum, n_tokens = _all_sum([stats.loss_sum, stats.n_tokens], device)  # the step's one host sync
-        interval_loss += loss_sum
-        interval_tokens += n_tokens
-        step_metrics = {M.TRAIN_LOSS: loss_sum / max(n_tokens, 1), M.STEP: step}
-        if logger:
-            logger.log({M.TRAIN_LOSS: step_metrics[M.TRAIN_LOSS]}, step)
-        if progress is not None and rank == 0:
-            progress.update.remote({"step": step, "max_steps": cfg.train.max_steps,
-                                    "train_loss": step_metrics[M.TRAIN_LOSS]})
+        interval.add(loss_sum, n_tokens, workload.tokens_per_step * ctx.world_size)
+        report = {M.STEP: step, M.TRAIN_LOSS: loss_sum / max(n_tokens, 1)}
         if step % cfg.train.eval_interval and step != cfg.train.max_steps:
+            reporter.report(report)
             continue
-
-        steps_in_interval = step % cfg.train.eval_interval or cfg.train.eval_interval
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_s = workload.tokens_per_step * world * steps_in_interval / max(elapsed, 1e-9)
-        engine.eval()
-        val_loss, val_n, val_correct, *counts = _all_sum(list(workload.evaluate(engine)), device)
-        report = {
-            M.STEP: step,
-            M.TRAIN_LOSS: interval_loss / max(interval_tokens, 1),
-            M.TOKENS_PER_S: tokens_per_s,
-            M.PEAK_MEM_BYTES: M.peak_mem_bytes(device),
-            M.MEMORY_STATE_BYTES: memory_state_bytes,
-            **M.validation_metrics(val_loss, int(val_n), int(val_correct), workload.metric),
-        }
-        if counts:
-            report.update(workload.extra_metrics(counts))
-        if workload.curriculum:  # the segments evaluated at; a passed threshold adds one for the next steps
-            report[M.SEGMENTS] = workload.curriculum.segments
-            workload.curriculum.update(step, report.get(M.VAL_ACC))
+        report.update(interval.metrics())
+        report.update(_evaluate(engine, workload, step, ctx.device))
+        report.update({M.PEAK_MEM_BYTES: M.peak_mem_bytes(ctx.device), M.MEMORY_STATE_BYTES: memory_state_bytes})
         if peak_flops:
-            report[M.MFU] = M.mfu(tokens_per_s / world, n_params, model.backbone.n_layers, model.backbone.d_model,
-                                  cfg.data.segment_len, peak_flops)
-        stream = getattr(workload, "stream_state", None)
-        trainer_state = checkpoint.TrainerState(
-            step=step, data_position=workload.position(),
-            stream=None if stream is None else stream_to(stream, torch.device("cpu")),
-            rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            report[M.MFU] = M.mfu(report[M.TOKENS_PER_S] / ctx.world_size, parameter_count(model),
+                                  model.backbone.n_layers, model.backbone.d_model, cfg.data.segment_len, peak_flops)
+        state = checkpoint.TrainerState(
+            step=step, workload=workload.state_dict(), rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)
         with tempfile.TemporaryDirectory(prefix="rmt_ckpt_") as tmp:
-            checkpoint.save(engine, trainer_state, Path(tmp), rank, ray.get_runtime_context().get_node_id())
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if logger:
-            logger.log({k: v for k, v in report.items() if k != M.STEP}, step)
-            logger.flush()
-        if progress is not None and rank == 0:
-            progress.update.remote({"step": step, "max_steps": cfg.train.max_steps, **report})
-        interval_loss, interval_tokens, interval_start = 0.0, 0, time.perf_counter()
-    if logger:
-        logger.close()
-
+            checkpoint.save(engine, state, Path(tmp), ctx.rank, ctx.node_id)
+            reporter.report(report, Path(tmp))
+        interval = _Interval()
+    reporter.close()

@@ -12,22 +12,33 @@ from typing import Any, Callable
 
 import torch
 
-TRAIN_LOSS = "train_loss"
+TRAIN_LOSS = "train_loss"  # the step's mean token loss over every rank, reported every step
+TRAIN_LOSS_INTERVAL = "train_loss_interval"  # the same over every step since the last evaluation
 VAL_LOSS = "val_loss"
 VAL_PPL = "val_ppl"
 VAL_BPC = "val_bpc"
 VAL_ACC = "val_acc"
 VAL_F1 = "val_f1"  # classification: macro F1 over the classes
-SEGMENTS = "segments"  # with train.curriculum: segments per sample in the interval reported
+SEGMENTS = "segments"  # sample workloads (tasks, classification): segments per sample the evaluation ran at
+# (data.num_segments, or the stage of train.curriculum)
 TOKENS_PER_S = "tokens_per_s"
 PEAK_MEM_BYTES = "peak_mem_bytes"
 MEMORY_STATE_BYTES = "memory_state_bytes"
 STEP = "step"
-EPOCH = "epoch"
 MFU = "mfu"
 
 # Which validation metric a workload is judged by, and whether lower is better.
 PRIMARY = {"ppl": (VAL_PPL, "min"), "bpc": (VAL_BPC, "min"), "acc": (VAL_ACC, "max")}
+
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by device name
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, for MFU; None on CPU and on GPUs not in PEAK_FLOPS_BF16."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
 
 
 def peak_mem_bytes(device: torch.device) -> int:

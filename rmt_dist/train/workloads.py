@@ -3,7 +3,9 @@
 ``model`` below is the DeepSpeed engine (or a bare MemoryModel in tests): the recurrence calls it.
 All expose the same small surface to the loop: ``vocab_size``, ``metric``, ``tokens_per_step``,
 ``curriculum`` (sample workloads; None for streams), ``train_step(model, backward)``, ``evaluate(model)``
-(loss, tokens, correct, then any counts ``extra_metrics`` turns into metrics), ``position()`` / ``restore(...)``.
+(loss, tokens, correct, then any counts ``extra_metrics`` turns into metrics), and ``state_dict()`` /
+``load_state_dict(...)``: where the data reader is (``position``) and, for streams, the recurrent state it
+carries (``stream``), the part of a checkpoint that DeepSpeed does not hold.
 """
 
 from __future__ import annotations
@@ -26,10 +28,6 @@ from rmt_dist.workload_kinds import dataset_kind
 
 def _to(segments: list[Segment], device: torch.device) -> list[Segment]:
     return [(ids.to(device), labels.to(device)) for ids, labels in segments]
-
-
-def stream_to(stream: StreamState, device: torch.device) -> StreamState:
-    return StreamState(state=stream.state.map(lambda t: t.to(device)), history=_to(stream.history, device))
 
 
 class LMWorkload:
@@ -86,13 +84,16 @@ class LMWorkload:
             loss, n, correct = loss + window_loss, n + window_n, correct + window_correct
         return loss, n, correct
 
-    def position(self) -> Any:
-        return self.streams.position
+    def state_dict(self) -> dict[str, Any]:
+        """The next window of this rank's streams and their recurrent state (on the CPU)."""
+        return {"position": self.streams.position, "stream": self.stream_state.to(torch.device("cpu")).state_dict()}
 
-    def restore(self, position: Any, stream: StreamState | None) -> None:
-        self.streams.seek(position)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streams.seek(state["position"])
         self._windows = iter(self.streams)
-        self.stream_state = stream_to(stream or StreamState(), self.device)
+        stream = StreamState()
+        stream.load_state_dict(state["stream"])
+        self.stream_state = stream.to(self.device)
 
 
 class TaskWorkload:
@@ -180,10 +181,13 @@ class TaskWorkload:
     def extra_metrics(self, counts: list[float]) -> dict[str, float]:
         return {}
 
-    def position(self) -> Any:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "segments": self.curriculum.segments}
+    def state_dict(self) -> dict[str, Any]:
+        """The next batch and the curriculum's stage (no recurrent state: memory resets per sample)."""
+        return {"position": {"epoch": self.epoch, "batch_index": self.batch_index,
+                             "segments": self.curriculum.segments}}
 
-    def restore(self, position: Any, stream: StreamState | None) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = state["position"]
         self.epoch, self.batch_index = position["epoch"], position["batch_index"]
         self.curriculum.segments = position.get("segments", self.curriculum.segments)
         self._stage = -1  # reload for the restored stage
