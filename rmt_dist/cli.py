@@ -21,10 +21,9 @@ def run_job(job: str, presets: Mapping[str, Mapping[str, Any]], argv: Sequence[s
     except (ConfigError, DataError) as err:
         exit_on_config_error(ConfigError(str(err)))
     except Exception as err:  # a failed run: one readable line; details are in Ray's logs
-        from rmt_dist.storage import redact
+        from rmt_dist.storage import whole_line
 
-        reason = " ".join(str(err).split())[:600] or type(err).__name__
-        print(f"error: training failed: {redact(reason)}", file=sys.stderr)
+        print(f"error: training failed: {whole_line(err)}", file=sys.stderr)
         return 1
     print(summary_line(summary))
     from rmt_dist.tracking import tracking_uri

@@ -4,8 +4,8 @@ and the validation curves of every trial.
 The sweep writes these as artifacts of its MLflow parent run when it ends (``rmt_dist.sweep``); this
 module also reads them back from MLflow for people who live in a shell::
 
-    python -m rmt_dist.report --experiment lm_wikitext_sweeps             # the latest sweep, best first
-    python -m rmt_dist.report --experiment lm_wikitext_sweeps --sweep NAME --csv out.csv
+    python -m rmt_dist.report --experiment lm_wikitext             # the latest sweep of that job, best first
+    python -m rmt_dist.report --experiment lm_wikitext --sweep NAME --csv out.csv
 
 A trial is one training run. Its figures: the best validation metric over its evaluations (lowest
 perplexity / bits per character, highest accuracy), the highest ``peak_mem_bytes`` it reported, its

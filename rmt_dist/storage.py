@@ -32,6 +32,19 @@ def redact(text: str) -> str:
     return _SECRET_PATTERNS[2].sub("***", text)
 
 
+def first_line(err: BaseException) -> str:
+    """Why something failed, for a one-line message: the error's first line (the rest is where), redacted;
+    its type's name if it says nothing."""
+    text = str(err).strip()
+    return redact(text.splitlines()[0]) if text else type(err).__name__
+
+
+def whole_line(err: BaseException, limit: int = 600) -> str:
+    """An error whose lines all matter (Ray's wrapped worker errors) as one redacted line of at most
+    ``limit`` characters; its type's name if it says nothing."""
+    return redact(" ".join(str(err).split()))[:limit] or type(err).__name__
+
+
 def endpoint_url(cfg: StorageConfig) -> str | None:
     return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -44,9 +57,6 @@ class Storage:
     filesystem: pafs.FileSystem | None  # None for local paths (Ray uses the local filesystem)
     ray_path: str  # storage_path for RunConfig (no s3:// prefix when a filesystem is given)
 
-    @property
-    def is_s3(self) -> bool:
-        return self.uri.startswith("s3://")
 
 
 def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
@@ -84,8 +94,7 @@ def check_writable(storage: Storage) -> None:
                 f.write(b"ok")
             storage.filesystem.delete_file(path)
     except (OSError, pa.ArrowException) as err:
-        reason = redact(str(err).splitlines()[0]) if str(err) else type(err).__name__
-        raise ConfigError(f"storage.path must be writable, got {redact(storage.uri)!r} ({reason})") from None
+        raise ConfigError(f"storage.path must be writable, got {redact(storage.uri)!r} ({first_line(err)})") from None
 
 
 def read_text(storage: Storage, path: str) -> str | None:

@@ -13,13 +13,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from rmt_dist.data.cache import build_once, entry_key
 from rmt_dist.data.errors import DataError
-from rmt_dist.storage import redact
+from rmt_dist.storage import first_line
 
 
 def _reason(err: Exception) -> str:
     if isinstance(err, ClientError):
         return err.response.get("Error", {}).get("Code", "ClientError")
-    return redact(str(err).splitlines()[0]) if str(err) else type(err).__name__
+    return first_line(err)
 
 
 def stage(uri: str, root: Path, endpoint_url: str | None) -> Path:

@@ -19,7 +19,7 @@ from rmt_dist.data import s3
 from rmt_dist.data.errors import DataError
 from rmt_dist.data.smoke import smoke_files
 from rmt_dist.data.tokenizers import SPLITS
-from rmt_dist.storage import redact
+from rmt_dist.storage import first_line, redact
 
 HUB_NAME = "Salesforce/wikitext"
 HUB_CONFIGS = {"wikitext-103": "wikitext-103-v1", "wikitext-103-raw": "wikitext-103-raw-v1"}
@@ -141,9 +141,8 @@ def _hub(dataset: str, root: Path) -> TableSource:
         try:
             return datasets.load_dataset(HUB_NAME, config, cache_dir=str(root / "hf"))
         except Exception as err:  # no network, hub outage, auth: one line, then the way around it
-            reason = redact(str(err).splitlines()[0]) if str(err) else type(err).__name__
             raise DataError(f"data.dataset={dataset}: could not load {HUB_NAME} ({config}) from the Hugging Face "
-                            f"hub ({reason}); set data.path to a local copy") from None
+                            f"hub ({first_line(err)}); set data.path to a local copy") from None
 
     return TableSource(load=load, fingerprint={"hub": HUB_NAME, "config": config}, label=f"{HUB_NAME} {config}")
 

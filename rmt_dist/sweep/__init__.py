@@ -24,7 +24,7 @@ from typing import Sequence
 from rmt_dist import report as R
 from rmt_dist.config import ConfigError, exit_on_config_error, from_flat
 from rmt_dist.data import DataError
-from rmt_dist.storage import redact
+from rmt_dist.storage import whole_line
 from rmt_dist.sweep.flags import parse_sweep_args, prepare
 from rmt_dist.sweep.runner import run_sweep
 from rmt_dist.tracking import tracking_uri
@@ -46,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted: rerun the same command (--name {spec.name}) to resume", file=sys.stderr)
         return 130
     except Exception as err:
-        print(f"error: sweep failed: {redact(' '.join(str(err).split())[:600]) or type(err).__name__}",
-              file=sys.stderr)
+        print(f"error: sweep failed: {whole_line(err)}", file=sys.stderr)
         return 1
     finished = [r for r in outcome.records if r.status in ("done", "stopped", "failed")]
     if outcome.interrupted:

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rmt_dist.config import Config, ConfigError, apply_overrides, to_flat
-from rmt_dist.storage import Storage, check_writable, redact, resolve
+from rmt_dist.storage import Storage, check_writable, first_line, redact, resolve
 from rmt_dist.train import faults, metrics as M
 from rmt_dist.train.worker import train_loop_per_worker
 from rmt_dist.train.workloads import workload_class
@@ -93,9 +93,8 @@ def _check_hf_model(cfg: Config) -> int | None:
     try:
         causal = is_causal_lm(path)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model.hf_name_or_path must be a Hugging Face model (a hub name or a directory with "
-                          f"config.json), got {path!r} ({reason})") from None
+                          f"config.json), got {path!r} ({first_line(err)})") from None
     wants_encoder = dataset_kind(cfg.data.dataset).workload == "classify"
     if wants_encoder and causal:
         raise ConfigError(f"model.hf_name_or_path must be an encoder (BERT, RoBERTa, DeBERTa) for "
