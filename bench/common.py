@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, **defaults: int) -> Non
 def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_len: int, segments: int,
                  num_tokens: int = 0, xl_len: int = 0, bptt_unroll: int = -1, bptt_mode: str = "window",
                  replay: bool = False, activation_checkpointing: bool = False, recompute: str = "all",
-                 ltm_basis: int = 64) -> Config:
+                 ltm_basis: int = 64, compile_blocks: bool = False) -> Config:
     """A validated config of the built-in backbone (no dropout, d_ff = 4 d) with one memory kind."""
     cfg = Config()
     m = cfg.model
@@ -41,6 +41,7 @@ def model_config(*, kind: str, d_model: int, layers: int, heads: int, segment_le
     mem.ltm_basis = ltm_basis
     cfg.data.segment_len, cfg.data.num_segments = segment_len, segments
     cfg.train.activation_checkpointing, cfg.train.recompute = activation_checkpointing, recompute
+    cfg.train.compile = compile_blocks
     return validate(cfg)
 
 

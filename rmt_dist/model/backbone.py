@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rmt_dist.config import ModelConfig
 
@@ -57,12 +57,6 @@ _KEPT_OPS = {getattr(torch.ops.aten, name).default for name in (
 
 def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-CHECKPOINT_CONTEXTS = {
-    "all": noop_context_fn,  # keep only each block's input
-    "elementwise": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls),
-}
 
 
 @dataclass(frozen=True)
@@ -139,13 +133,16 @@ class Block(nn.Module):
 
 def run_block(block: Block, x: Tensor, cache: Tensor | None, mask: Tensor | None, cos: Tensor, sin: Tensor,
               side: SideRead | None, recompute: str | None) -> Tensor:
-    """One block; with ``recompute`` (a key of CHECKPOINT_CONTEXTS) under non-reentrant activation
-    checkpointing. The unit that :func:`apply_compile` compiles, checkpointing inside it (torchtitan's
+    """One block; with ``recompute`` under non-reentrant activation checkpointing: ``all`` keeps only the
+    block's input, ``elementwise`` also the matmul and attention outputs (``_keep_matmuls``). The unit that :func:`apply_compile` compiles, checkpointing inside it (torchtitan's
     order: activation checkpointing first, then compile), so selective recomputation works compiled too."""
     if recompute is None:
         return block(x, cache, mask, cos, sin, side)
+    if recompute == "all":
+        return checkpoint(block, x, cache, mask, cos, sin, side, use_reentrant=False)
+    # The partial is made here: dynamo traces a selective policy only when it sees the partial built.
     return checkpoint(block, x, cache, mask, cos, sin, side, use_reentrant=False,
-                      context_fn=CHECKPOINT_CONTEXTS[recompute])
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_matmuls))
 
 
 def apply_compile(backbone: "TransformerBackbone", backend: str = "inductor") -> None:
@@ -168,7 +165,7 @@ class TransformerBackbone(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_base = cfg.rope_base
         self.activation_checkpointing = False
-        self.recompute = "all"  # with activation checkpointing: a key of CHECKPOINT_CONTEXTS
+        self.recompute = "all"  # with activation checkpointing: all | elementwise (run_block)
         self.run_block = run_block  # apply_compile swaps in the compiled one
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
