@@ -308,6 +308,8 @@ def validate(cfg: Config) -> Config:
     _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
            "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")
     _check(not t.compile or m.backbone == "builtin", "train.compile", t.compile, "false with model.backbone=hf")
+    _check(not t.compile or ds.zero_stage < 3, "train.compile", t.compile, "false with deepspeed.zero_stage=3 "
+           "(dynamo traces ZeRO-3's parameter hooks and recompiles at every call)")
     if parse_curriculum(t.curriculum) is not None:
         _check(dataset.samples, "train.curriculum", t.curriculum,
                f"empty unless data.dataset is one of {', '.join(sample_datasets())} (samples of segments)")
