@@ -309,6 +309,17 @@ TRAINING_VARIANTS = (  # name, memory kind, ZeRO stage, activation checkpointing
 )
 
 
+@contextlib.contextmanager
+def restored_linear():
+    """DeepSpeed's ZeRO-3 replaces ``torch.nn.functional.linear`` for the whole process (``zero3_linear_wrap``,
+    its memory-efficient linear) and leaves it so: every later variant and section would run through it."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+
+
 def section_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(device)
     rows = []
@@ -316,8 +327,9 @@ def section_training(args: argparse.Namespace, device: torch.device) -> list[dic
         for compiled in (False, True):
             for name, kind, stage, checkpointing in TRAINING_VARIANTS:
                 label = name + (" compiled" if compiled else "")
-                rows.append(attempt(label, lambda: training_variant(kind, stage, checkpointing, compiled, args,
-                                                                    device, peak)))
+                with restored_linear():
+                    rows.append(attempt(label, lambda: training_variant(kind, stage, checkpointing, compiled, args,
+                                                                        device, peak)))
     return rows
 
 
