@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights, fp32 master weights in the optimizer (DeepSpeed's bf16 mode; common.Runner)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

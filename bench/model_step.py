@@ -4,6 +4,9 @@ memory kind against ``none`` on the same tokens, same model size, in the same ru
     python bench/model_step.py --kind rmt --segment-len 512 --num-tokens 10 --segments 2 \\
         --d-model 256 --layers 4 --heads 4 --batch 4 --repeats 5 --threads 2
 
+With ``--compile`` the same kind runs eager against ``train.compile`` (each block compiled; the warm-up
+step pays the compilation) instead of against ``none``.
+
 Repeats alternate the two kinds (and which goes first) so drift and neighbours' load hit both; the
 figures are medians (and the ratio of the fastest repeats, the least disturbed on a shared machine).
 Peak memory is what the step allocates above what was resident before it (parameters and AdamW
@@ -41,24 +44,32 @@ def main() -> None:
     parser.add_argument("--bptt-mode", default="window", choices=("window", "sliding"))
     parser.add_argument("--replay", action="store_true", help="memory-replay backprop (needs --bptt-unroll -1)")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compare --kind eager against train.compile "
+                        "(instead of against none); the warm-up step compiles")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat and kind")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights, fp32 master weights in the optimizer (DeepSpeed's bf16 mode; common.Runner)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.xl_len = args.xl_len or args.segment_len
     device = torch.device(args.device)
-    kinds = [args.kind, "none"] if args.kind != "none" else ["none"]
+    # name -> (memory kind, train.compile): the kind against none, or (--compile) eager against compiled
+    variants = ({args.kind: (args.kind, False), f"{args.kind} compiled": (args.kind, True)} if args.compile
+                else {args.kind: (args.kind, False), "none": ("none", False)} if args.kind != "none"
+                else {"none": ("none", False)})
+    kinds = list(variants)
     runners = {
-        kind: Runner(model_config(kind=kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
+        name: Runner(model_config(kind=kind, d_model=args.d_model, layers=args.layers, heads=args.heads,
                                   segment_len=args.segment_len, segments=args.segments, num_tokens=args.num_tokens,
                                   xl_len=args.xl_len, bptt_unroll=args.bptt_unroll, bptt_mode=args.bptt_mode,
-                                  replay=args.replay, activation_checkpointing=args.activation_checkpointing),
+                                  replay=args.replay, activation_checkpointing=args.activation_checkpointing,
+                                  compile_blocks=compiled),
                      batch=args.batch, vocab=args.vocab, device=device, bf16=args.bf16)
-        for kind in kinds
+        for name, (kind, compiled) in variants.items()
     }
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"d_model {args.d_model}, {args.layers} layers, {args.heads} heads, batch {args.batch}, "
@@ -77,16 +88,16 @@ def main() -> None:
     peaks = {kind: runners[kind].peak_bytes() for kind in kinds}
     for kind in kinds:
         t = statistics.median(times[kind])
-        print(f"{kind:7s} median {t * 1000:8.1f} ms/step  {runners[kind].tokens / t:10,.0f} tok/s  "
+        print(f"{kind:12s} median {t * 1000:8.1f} ms/step  {runners[kind].tokens / t:10,.0f} tok/s  "
               f"peak {peaks[kind] / 2**20:8.1f} MiB above {runners[kind].resident_bytes() / 2**20:.1f} MiB resident")
-    if args.kind != "none":
-        ratio = statistics.median(times[args.kind]) / statistics.median(times["none"])
-        per_repeat = [a / b for a, b in zip(times[args.kind], times["none"])]
-        best = min(times[args.kind]) / min(times["none"])  # the least disturbed repeats, on a shared machine
-        memory = peaks[args.kind] / max(peaks["none"], 1)
-        print(f"{args.kind}/none step time: {ratio:.3f}x median (best-of {best:.3f}x, per repeat "
+    if len(kinds) == 2:
+        first, second = kinds
+        ratio = statistics.median(times[first]) / statistics.median(times[second])
+        per_repeat = [a / b for a, b in zip(times[first], times[second])]
+        best = min(times[first]) / min(times[second])  # the least disturbed repeats, on a shared machine
+        memory = peaks[first] / max(peaks[second], 1)
+        print(f"{first}/{second} step time: {ratio:.3f}x median (best-of {best:.3f}x, per repeat "
               f"{min(per_repeat):.3f}-{max(per_repeat):.3f}), peak memory {memory:.3f}x")
-
 
 if __name__ == "__main__":
     main()

@@ -92,6 +92,8 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each block in backward (non-reentrant)")
     recompute: str = _f("all", "with activation checkpointing, what backward recomputes: all (keep only block "
                                "inputs) | elementwise (keep matmul and attention outputs; recompute norms, GELU, rotary)")
+    compile: bool = _f(False, "torch.compile each transformer block (model.backbone=builtin): fewer, fused kernels; "
+                              "the first steps compile each variant (grad/no-grad, checkpointing), ~10-60 s each")
     curriculum: str = _f("", "grow segments from 1 up to data.num_segments (sample data): empty = off, "
                              "steps:200,400 (one more at each step), acc:0.9 (one more when val_acc >= 0.9)")
     seed: int = _f(0, "random seed")
@@ -305,6 +307,9 @@ def validate(cfg: Config) -> Config:
     _check(t.recompute in ("all", "elementwise"), "train.recompute", t.recompute, "one of all, elementwise")
     _check(t.recompute == "all" or cfg.model.backbone == "builtin", "train.recompute", t.recompute,
            "all with model.backbone=hf (the Hugging Face model's own gradient checkpointing)")
+    _check(not t.compile or m.backbone == "builtin", "train.compile", t.compile, "false with model.backbone=hf")
+    _check(not t.compile or ds.zero_stage < 3, "train.compile", t.compile, "false with deepspeed.zero_stage=3 "
+           "(dynamo traces ZeRO-3's parameter hooks and recompiles at every call)")
     if parse_curriculum(t.curriculum) is not None:
         _check(dataset.samples, "train.curriculum", t.curriculum,
                f"empty unless data.dataset is one of {', '.join(sample_datasets())} (samples of segments)")

@@ -10,6 +10,7 @@ import torch
 
 from rmt_dist.config import Config
 from rmt_dist.model import IGNORE_INDEX, MemoryModel, MemoryState, build_model, forward_segments
+from rmt_dist.model.backbone import BlockCausal
 from rmt_dist.model.memory import segment_mask
 
 KINDS = ("none", "memtr", "xl", "rmt", "rmt_xl", "infinite")
@@ -91,6 +92,7 @@ def test_segment_mask_rows(kind: str, read: int, write: int) -> None:
     expected[read:read + L, c + read:c + read + L] = torch.ones(L, L, dtype=torch.bool).tril()  # ... causally
     expected[read + L:, :] = True  # write block sees everything
     assert torch.equal(mask, expected)
+    assert torch.equal(BlockCausal(read, write, c).dense(T), expected)  # what the model passes, by structure
     if read:
         assert mask[:read, c:c + read].all(), "read memory must attend to its whole block, not causally"
         assert not mask[:read, c + read:].any(), "read memory must not see the segment's tokens"
@@ -323,9 +325,7 @@ def test_odd_head_dim_model_runs_causally() -> None:
 
 @pytest.mark.parametrize("kind,m", [("rmt", 3), ("memtr", 3), ("rmt", 1)])
 def test_block_causal_attention_equals_the_dense_mask(kind: str, m: int) -> None:
-    """The structured mask the model uses without a cache is segment_mask's dense one, run faster."""
-    from rmt_dist.model.backbone import BlockCausal
-
+    """The structured mask the model uses without a cache is segment_mask's dense one."""
     model = tiny(kind, m=m).eval()
     write = m if kind == "rmt" else 0
     T = m + L + write
@@ -351,3 +351,24 @@ def test_state_owns_its_storage_not_the_segments_hidden_states(kind: str) -> Non
         _, state = forward_segments(model, segments_of(torch.randint(0, VOCAB, (B, S * L))))
     for tensor in state.tensors():
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), tensor.shape
+
+
+def test_rotary_tables_and_masks_are_built_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every segment (nor every layer): each would be a handful of kernel launches per segment on a GPU."""
+    from rmt_dist.model import backbone
+
+    built = {"rope": 0, "mask": 0}
+    tables, additive = backbone.rotary_tables, backbone._additive
+
+    def count(name, fn):
+        def counted(*args, **kwargs):
+            built[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(backbone, "rotary_tables", count("rope", tables))
+    monkeypatch.setattr(backbone, "_additive", count("mask", additive))
+    model = tiny("rmt")
+    for _ in range(2):
+        forward_segments(model, segments_of(torch.randint(0, VOCAB, (B, S * L))))
+    assert built == {"rope": 1, "mask": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rmt_dist.config import Config
 from rmt_dist.constants import IGNORE_INDEX, PAD_ID, Segment
-from rmt_dist.model.backbone import TransformerBackbone
+from rmt_dist.model.backbone import TransformerBackbone, apply_compile
 from rmt_dist.model.hf import build_hf_model, from_pretrained, save_pretrained
 from rmt_dist.model.memory import MemoryModel, MemoryState, SegmentOutput
 from rmt_dist.model.recurrence import (
@@ -29,6 +29,8 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> MemoryModel:
     backbone = TransformerBackbone(cfg.model, vocab, out_size=vocab + aux_class)
     backbone.activation_checkpointing = cfg.train.activation_checkpointing
     backbone.recompute = cfg.train.recompute
+    if cfg.train.compile:
+        apply_compile(backbone)
     return MemoryModel(backbone, cfg.memory, vocab)
 
 

@@ -17,31 +17,34 @@ from typing import Any, Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rmt_dist.config import ModelConfig
 
 
 def rotary_tables(n: int, head_dim: int, base: float, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape [n, r] for positions 0..n-1 (rotate-half convention), r = head_dim rounded
+    """cos and signed sin of shape [n, r] for positions 0..n-1 (rotate-half convention), r = head_dim rounded
     down to even: an odd head (the paper's WikiText-103 model has 410 / 10 = 41) keeps its last
-    channel unrotated."""
+    channel unrotated. The sin table's first half is negated: rotate-half's sign is folded into the table,
+    so :func:`apply_rotary` swaps the halves with one ``roll`` instead of a negation and a concatenation."""
     r = head_dim - head_dim % 2
     inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, device=device, dtype=torch.float32) / r))
     angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # [n, r/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [n, r]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, hd]; cos/sin: [T, r] with r = hd or hd - 1 (the rest passes through)."""
+    """x: [B, H, T, hd]; cos/sin: [T, r] from :func:`rotary_tables`, r = hd or hd - 1 (the rest passes
+    through). x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = [x2, x1] * sign (in sin)."""
     r = cos.shape[-1]
-    x_rot = x[..., :r]
     half = r // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+    if r == x.shape[-1]:  # 3 kernels forward (roll, mul, addcmul), no slices to scatter back in backward
+        return torch.addcmul(x * cos, x.roll(half, dims=-1), sin)
+    x_rot = x[..., :r]
+    swapped = torch.cat([x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([torch.addcmul(x_rot * cos, swapped, sin), x[..., r:]], dim=-1)
 
 
 # Ops whose outputs selective recomputation keeps: the matmuls and attention kernels (the FLOPs). Everything
@@ -56,28 +59,23 @@ def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPol
     return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-CHECKPOINT_CONTEXTS = {
-    "all": noop_context_fn,  # keep only each block's input
-    "elementwise": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls),
-}
-
-
 @dataclass(frozen=True)
 class BlockCausal:
-    """A mask by structure: rows ``[prefix ; tokens ; suffix]`` and no cache. Prefix rows see the whole
-    prefix, token rows the prefix and earlier tokens, suffix rows everything: RMT's read/write layout
-    (memtr: no suffix). Attention runs it as one causal call over ``[prefix ; tokens]`` (the fast
-    kernels' ``is_causal`` path, as with no memory) plus two small unmasked calls, instead of one call
-    with a dense mask; :meth:`dense` is the same mask as booleans."""
+    """A mask by structure: rows ``[prefix ; tokens ; suffix]`` after ``cache`` earlier states. Every row
+    sees the cache; prefix rows see the whole prefix, token rows the prefix and earlier tokens, suffix rows
+    everything: RMT's read/write layout (memtr: no suffix; xl: no prefix or suffix, only the cache).
+    :meth:`dense` is the same mask as booleans; the backbone turns it into an additive mask once per
+    shape and reuses it (one attention call per layer, no mask built per segment)."""
 
     prefix: int
     suffix: int
+    cache: int = 0
 
     def dense(self, T: int, device: torch.device | None = None) -> Tensor:
-        """[T, T] bool, True = may attend."""
-        p, n = self.prefix, T - self.suffix
-        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        mask[:p, :p] = True
+        """[T, cache + T] bool, True = may attend."""
+        p, n, c = self.prefix, T - self.suffix, self.cache
+        mask = torch.ones(T, c + T, dtype=torch.bool, device=device).tril(c)
+        mask[:p, c:c + p] = True
         mask[n:] = True
         return mask
 
@@ -97,8 +95,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, h: Tensor, context: Tensor, mask: Mask, cos: Tensor, sin: Tensor) -> Tensor:
-        """h: [B, T, d] queries' inputs; context: [B, C + T, d] keys'/values' inputs (h is its tail)."""
+    def forward(self, h: Tensor, context: Tensor, mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+        """h: [B, T, d] queries' inputs; context: [B, C + T, d] keys'/values' inputs (h is its tail); mask:
+        additive [T, C + T] or None (causal)."""
         B, T, d = h.shape
         S = context.shape[1]
         q = self.q(h)
@@ -108,22 +107,8 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos[S - T:], sin[S - T:])
         k = apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        if isinstance(mask, BlockCausal):
-            y = self._block_causal(q, k, v, mask.prefix, T - mask.suffix, p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
-
-    @staticmethod
-    def _block_causal(q: Tensor, k: Tensor, v: Tensor, prefix: int, n: int, p: float) -> Tensor:
-        """BlockCausal(prefix, T - n) on [B, H, T, hd]; rows [prefix, n) are the causal tokens."""
-        sdpa = F.scaled_dot_product_attention
-        parts = [sdpa(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True, dropout_p=p)]  # [B, H, n, hd]
-        if prefix:  # the prefix rows above were causal within the prefix: recompute them over all of it
-            parts = [sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], dropout_p=p), parts[0][:, :, prefix:]]
-        if n < q.shape[2]:
-            parts.append(sdpa(q[:, :, n:], k, v, dropout_p=p))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 class Block(nn.Module):
@@ -135,7 +120,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Tensor | None, mask: Mask, cos: Tensor, sin: Tensor,
+    def forward(self, x: Tensor, cache: Tensor | None, mask: Tensor | None, cos: Tensor, sin: Tensor,
                 side: SideRead | None = None) -> Tensor:
         h = self.ln1(x)
         context = h if cache is None else torch.cat([self.ln1(cache), h], dim=1)
@@ -144,6 +129,30 @@ class Block(nn.Module):
             a = a + side(h)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln2(x)))
+
+
+def run_block(block: Block, x: Tensor, cache: Tensor | None, mask: Tensor | None, cos: Tensor, sin: Tensor,
+              side: SideRead | None, recompute: str | None) -> Tensor:
+    """One block; with ``recompute`` under non-reentrant activation checkpointing: ``all`` keeps only the
+    block's input, ``elementwise`` also the matmul and attention outputs (``_keep_matmuls``). The unit that :func:`apply_compile` compiles, checkpointing inside it (torchtitan's
+    order: activation checkpointing first, then compile), so selective recomputation works compiled too."""
+    if recompute is None:
+        return block(x, cache, mask, cos, sin, side)
+    if recompute == "all":
+        return checkpoint(block, x, cache, mask, cos, sin, side, use_reentrant=False)
+    # The partial is made here: dynamo traces a selective policy only when it sees the partial built.
+    return checkpoint(block, x, cache, mask, cos, sin, side, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_matmuls))
+
+
+def apply_compile(backbone: "TransformerBackbone", backend: str = "inductor") -> None:
+    """``torch.compile`` every block (``train.compile``): one compiled function shared by all blocks (the
+    blocks are alike, so dynamo compiles each variant once: with and without gradients, checkpointing, a
+    cache). Everything between blocks (memory assembly, the LM head, the recurrence) stays eager, so the
+    BPTT modes, replay and DeepSpeed ZeRO 0-2 see the same module tree and parameters. Not with ZeRO-3
+    (config validation refuses it): dynamo traces ZeRO-3's per-submodule parameter hooks and recompiled at
+    every call here (DeepSpeed 0.19.8; bench/gpu_suite.py --smoke measured 21 s a step)."""
+    backbone.run_block = torch.compile(run_block, backend=backend)
 
 
 class TransformerBackbone(nn.Module):
@@ -157,13 +166,16 @@ class TransformerBackbone(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.rope_base = cfg.rope_base
         self.activation_checkpointing = False
-        self.recompute = "all"  # with activation checkpointing: a key of CHECKPOINT_CONTEXTS
+        self.recompute = "all"  # with activation checkpointing: all | elementwise (run_block)
+        self.run_block = run_block  # apply_compile swaps in the compiled one
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, out_size or vocab_size, bias=False)
         self.apply(self._init_weights)
+        # Rotary tables and additive masks per shape, device and dtype: built once, not every segment.
+        self._constants: dict[tuple, Any] = {}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,6 +187,25 @@ class TransformerBackbone(nn.Module):
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.embed(input_ids)
 
+    def _constant(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()`` once per key (tensors made under inference mode are kept apart: autograd refuses them)."""
+        key = key + (torch.is_inference_mode_enabled(),)
+        if key not in self._constants:
+            if len(self._constants) > 64:  # many shapes (evaluation of odd lengths): start over
+                self._constants.clear()
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def attention_mask(self, mask: Mask, T: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """An additive [T, C + T] mask (0 or -inf) or None (causal): SDPA takes one call per layer with it.
+        A BlockCausal is built once per shape; a boolean tensor is converted once per forward (SDPA would
+        convert it in every layer)."""
+        if mask is None:
+            return None
+        if isinstance(mask, BlockCausal):
+            return self._constant(("mask", mask, T, device, dtype), lambda: _additive(mask.dense(T, device), dtype))
+        return _additive(mask, dtype)
+
     def forward(
         self,
         x: Tensor,
@@ -183,7 +214,7 @@ class TransformerBackbone(nn.Module):
         return_layer_inputs: bool = False,
         side: Sequence[SideRead | None] | None = None,
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """x: [B, T, d]; mask: [T, C + T] bool, a BlockCausal (no cache) or None (plain causal);
+        """x: [B, T, d]; mask: [T, C + T] bool, a BlockCausal (with ``cache`` = C) or None (plain causal);
         caches: per layer [B, C, d]; side: per layer an optional read added to the attention output
         (it runs inside the block, so activation checkpointing recomputes it too).
 
@@ -192,9 +223,12 @@ class TransformerBackbone(nn.Module):
         """
         T = x.shape[1]
         C = 0 if caches is None else caches[0].shape[1]
-        if C and not isinstance(mask, Tensor):
-            raise ValueError("a cache needs an explicit [T, C + T] mask")
-        cos, sin = rotary_tables(C + T, self.head_dim, self.rope_base, x.device, x.dtype)
+        if C and (mask is None or (isinstance(mask, BlockCausal) and mask.cache != C)):
+            raise ValueError(f"a cache of {C} states needs a [T, {C} + T] mask or a BlockCausal with cache={C}")
+        cos, sin = self._constant(("rope", C + T, x.device, x.dtype), lambda: rotary_tables(
+            C + T, self.head_dim, self.rope_base, x.device, x.dtype))
+        mask = self.attention_mask(mask, T, x.device, x.dtype)
+        recompute = self.recompute if self.activation_checkpointing and torch.is_grad_enabled() else None
         x = self.drop(x)
         layer_inputs: list[Tensor] | None = [] if return_layer_inputs else None
         for i, block in enumerate(self.blocks):
@@ -202,12 +236,18 @@ class TransformerBackbone(nn.Module):
                 layer_inputs.append(x)
             cache = caches[i] if caches is not None and C else None
             read = side[i] if side is not None else None
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, mask, cos, sin, read, use_reentrant=False,
-                               context_fn=CHECKPOINT_CONTEXTS[self.recompute])
-            else:
-                x = block(x, cache, mask, cos, sin, read)
+            x = self.run_block(block, x, cache, mask, cos, sin, read, recompute)
         return self.ln_f(x), layer_inputs
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(h)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean mask [T, S] -> 0 / -inf in ``dtype``, in storage whose rows are padded to a multiple of 16
+    elements: CUDA's memory-efficient attention needs that alignment and would pad (copy) the mask in every
+    call otherwise."""
+    T, S = allowed.shape
+    storage = torch.zeros(T, -(-S // 16) * 16, dtype=dtype, device=allowed.device)
+    additive = storage[:, :S]
+    return additive.masked_fill_(allowed.logical_not(), float("-inf"))

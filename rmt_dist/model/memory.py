@@ -98,8 +98,8 @@ class SegmentOutput:
 
 
 def segment_mask(kind: str, m: int, L: int, c: int, device: torch.device | None = None) -> Tensor | None:
-    """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal. (Without a
-    cache the model passes the same mask as ``BlockCausal(read, write)``.)"""
+    """Boolean [T, c + T] mask for one segment of the given kind, or None for plain causal. (The model
+    passes the same mask by structure, ``BlockCausal(read, write, c)``; this is its reference.)"""
     spec = memory_kind(kind)
     read = m if spec.read_tokens else 0
     write = m if spec.write_tokens else 0
@@ -236,8 +236,8 @@ class MemoryModel(nn.Module):
         extra: dict[str, Tensor] = {}
         if padded:  # [B, T] False at padding; memory positions are always valid
             extra["valid"] = torch.cat([pad.new_zeros(B, read), pad, pad.new_zeros(B, write)], dim=1).logical_not()
-        # Without a cache the mask is the structured BlockCausal (causal fast path); with one, dense.
-        mask = BlockCausal(read, write) if read and not c else segment_mask(self.kind, m, L, c, x.device)
+        # The mask by structure (segment_mask's rows); the backbone builds it once per shape.
+        mask = BlockCausal(read, write, c) if read + write + c else None
         reads = None
         if self.ltm_attention is not None and state.ltm is not None:
             reads = [ltm_lib.LTMRead(att, coeffs) for att, coeffs in zip(self.ltm_attention, state.ltm)]

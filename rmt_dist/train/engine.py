@@ -53,6 +53,14 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True)
+    if ds.zero_stage == 3:
+        # DeepSpeed's defaults, stated: they act only on a complete module trace, which the recurrence gets from
+        # train/zero3.py's trace_whole_steps (bench/zero3.py). A parameter stays gathered between its uses in a step
+        # when they are within max_reuse_distance elements: models under 1e9 parameters are gathered once per step.
+        zero.update(stage3_max_reuse_distance=int(1e9), stage3_max_live_parameters=int(1e9),
+                    stage3_prefetch_bucket_size=int(5e7), stage3_param_persistence_threshold=int(1e5))
+        # (Blocks as ZeRO-3 leaf modules, "leaf_module": {"names": [...]}, would halve the hooks, but a block used by
+        # several segments in one backward then fails: duplicate ds_id in a gradient bucket, DeepSpeed 0.19.8.)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if ds.offload_params:
