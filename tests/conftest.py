@@ -84,6 +84,18 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
+def gloo_world() -> Iterator[None]:
+    """``torch.distributed`` on gloo at world size 1 in this process, for in-process DeepSpeed engines.
+    One for the whole session: DeepSpeed caches the world group (``deepspeed.utils.groups._WORLD_GROUP``), so
+    a group destroyed and made again breaks the next engine ("Group ... is not registered")."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One tokenized-corpus cache for the whole session (the smoke corpus tokenizes once)."""
     return str(tmp_path_factory.mktemp("data_cache"))

@@ -78,3 +78,16 @@ def test_dense_bf16_peak_by_device_name(monkeypatch: pytest.MonkeyPatch, name: s
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert flops.peak_flops(torch.device("cuda", 0)) == peak
     assert flops.peak_flops(torch.device("cpu")) is None
+
+
+def test_a_model_that_reads_values_is_not_counted_and_not_broken(tmp_path) -> None:
+    """An HF encoder's padding check runs on the host (transformers): no count on meta, and no crash."""
+    from rmt_dist.config import from_flat
+
+    from hf_tiny import bert_dir
+
+    cfg = validate(from_flat({"model.backbone": "hf", "model.hf_name_or_path": bert_dir(tmp_path),
+                              "memory.kind": "rmt", "memory.num_tokens": 2, "data.dataset": "classify",
+                              "data.path": "docs.jsonl", "data.segment_len": L, "data.num_segments": 2,
+                              "memory.bptt_unroll": -1, "train.batch_size": B}))
+    assert flops.step_flops(build_model(cfg, 2), cfg) is None

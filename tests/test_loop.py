@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import free_port
 from rmt_dist.config import Config, from_flat
@@ -31,15 +30,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group() -> Iterator[None]:
+def process_group(gloo_world: None) -> Iterator[None]:
     """The environment a Ray worker gets, for one rank; DeepSpeed then joins the existing group."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -200,3 +197,23 @@ def test_model_dtype_is_the_engines_weight_dtype(precision) -> None:
     cfg = from_flat({**PRESETS["lm_wikitext"]["smoke"], "deepspeed.precision": precision, "scaling.num_workers": 1})
     engine = build_engine(build_model(cfg, vocab_size=50), cfg)
     assert {p.dtype for p in engine.module.parameters()} == {model_dtype(cfg)}
+
+
+def test_mfu_on_a_known_gpu_is_counted_flops_over_time_and_peak(tmp_path, data_cache, monkeypatch) -> None:
+    """The loop counts the step's FLOPs once and reports MFU per interval where the device's peak is known
+    (faked here: on the CPU ``peak_flops`` is None and no MFU is reported)."""
+    from rmt_dist.data import load_lm_corpus
+    from rmt_dist.model import build_model
+    from rmt_dist.train import flops
+
+    cfg = lm_config(data_cache)
+    per_step = flops.step_flops(build_model(cfg, load_lm_corpus(cfg.data).vocab_size), cfg)
+    assert all(M.MFU not in m for m, _ in train(cfg, tmp_path / "cpu").reports)
+    peak = 1e9
+    monkeypatch.setattr(flops, "peak_flops", lambda device: peak)
+    evaluations = [m for m, kept in train(cfg, tmp_path / "gpu").reports if kept is not None]
+    assert len(evaluations) == 3
+    # MFU = FLOPs per step x steps / seconds / peak, and tokens/s = tokens per step x steps / seconds
+    tokens_per_step = cfg.train.batch_size * cfg.data.segment_len * cfg.data.num_segments
+    for m in evaluations:
+        assert m[M.MFU] * peak == pytest.approx(per_step * m[M.TOKENS_PER_S] / tokens_per_step, rel=1e-3)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from rmt_dist.config import Config, validate
 from rmt_dist.model import build_model, split_segments, train_segments
@@ -18,14 +17,13 @@ VOCAB, B, L, SEGMENTS = 29, 2, 6, 3
 
 
 @pytest.fixture
-def one_process_group(monkeypatch: pytest.MonkeyPatch):
-    port = str(free_port())
+def one_process_group(monkeypatch: pytest.MonkeyPatch, gloo_world: None) -> None:
+    # ZeRO-3 swaps in its own torch.nn.functional.linear for the whole process and leaves it there: put the
+    # original back afterwards (other tests count what checkpointing recomputes through it).
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items():
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def engine_for(stage: int, step_trace: bool):

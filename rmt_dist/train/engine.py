@@ -1,5 +1,5 @@
 """DeepSpeed: the engine's config from ``deepspeed.*``/``train.*``, its construction, and what the loop
-asks of it (a backward call, the end-of-step check, the parameter count, the precision).
+asks of it (a backward call, the end-of-step check, the precision).
 
 The training loop reaches DeepSpeed only through this module. Two others import it for one job each:
 ``model/hf.py`` gathers the ZeRO-3-partitioned embedding to scale the initial memory, and
@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from rmt_dist.config import Config
+from rmt_dist.train.zero3 import trace_whole_steps
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -134,6 +135,7 @@ def build_engine(model: torch.nn.Module, cfg: Config):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         dist_init_required=False,
     )
+    trace_whole_steps(engine)  # ZeRO-3: gather each parameter once per step, not once per segment
     return engine
 
 
@@ -150,9 +152,3 @@ def check_step_complete(engine: Any) -> None:
     if not engine.is_gradient_accumulation_boundary() and engine.micro_steps % engine.gradient_accumulation_steps():
         raise RuntimeError("the recurrence made a different number of backward calls than "
                            "backward_calls_per_step() promised DeepSpeed")
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the whole model, also under ZeRO-3, where each rank holds a partition of each
-    (its full size is ``ds_numel``)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,6 +1,6 @@
 """FLOPs of one training step, counted, and MFU that means the same thing for every configuration.
 
-The PaLM formula (6N + 12·L·d·T per token, ``metrics.mfu``) knows neither memory positions nor the XL
+The PaLM formula (6N + 12·L·d·T per token) knows neither memory positions nor the XL
 cache's extra keys nor the segments a step runs twice (sliding BPTT's re-runs, replay's recomputation,
 activation checkpointing). Here the FLOPs are counted: :func:`step_flops` runs one real training step of
 the model under ``torch.utils.flop_counter.FlopCounterMode``, on the ``meta`` device (shapes only: no data,
@@ -12,15 +12,10 @@ Counted: matmuls (``mm``, ``addmm``, ``bmm``) forward and backward; attention on
 path, two ``bmm`` over all of [T, C + T] whatever the mask (a causal mask is not discounted, as in
 PaLM's 12·L·d·T). Not counted: elementwise ops, norms, softmax (a few percent).
 
-The loop (``train/loop.py``) should, once per run before ``deepspeed.initialize``::
-
-    flops_per_step = flops.step_flops(model, cfg)          # this worker's micro-batch, one optimizer step
-    peak = flops.peak_flops(device)                        # None off CUDA or for an unknown GPU
-
-and at each report, with ``steps`` optimizer steps in ``seconds``::
-
-    report[M.MFU] = flops.mfu(flops_per_step, steps, seconds, peak)      # if peak
-    report["max_memory_reserved"] = torch.cuda.max_memory_reserved(device)
+The loop (``train/loop.py``) counts ``step_flops(model, cfg)`` once per run, before
+``deepspeed.initialize`` (this worker's micro-batch, one optimizer step), and reports
+``mfu(flops_per_step, steps, seconds, peak_flops(device))`` for each evaluation interval on a GPU whose
+peak is known.
 """
 
 from __future__ import annotations
@@ -101,11 +96,23 @@ def _counter() -> FlopCounterMode:
     return counter
 
 
-def step_flops(model: nn.Module, cfg: Config, batch_size: int | None = None) -> int:
+def step_flops(model: nn.Module, cfg: Config, batch_size: int | None = None) -> int | None:
     """FLOPs of one optimizer step of ``model`` as ``cfg`` trains it: ``train.batch_size`` sequences of
     ``data.num_segments`` x ``data.segment_len`` tokens, ``memory.*``'s BPTT mode; for LM streams the
     steady state (sliding BPTT re-runs the k segments kept from the previous step), for samples a step
-    from the initial memory. Counted on a meta copy: ``model`` is left as it was."""
+    from the initial memory. Counted on a meta copy: ``model`` is left as it was.
+
+    None where the model's own code reads tensor values, which ``meta`` cannot give: transformers checks
+    an encoder's padding mask and a causal model's position ids on the host (HF encoders; HF kind none)."""
+    try:
+        return _count_step(model, cfg, batch_size)
+    except RuntimeError as err:
+        if "meta tensors" not in str(err):  # "Tensor.item() cannot be called on meta tensors"
+            raise
+        return None
+
+
+def _count_step(model: nn.Module, cfg: Config, batch_size: int | None) -> int:
     clone = meta_copy(model).train()
     batch = batch_size or cfg.train.batch_size
     d, mem = cfg.data, cfg.memory

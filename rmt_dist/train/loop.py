@@ -26,8 +26,8 @@ import torch.distributed as dist
 from rmt_dist.config import Config
 from rmt_dist.model import build_model
 from rmt_dist.train import checkpoint, metrics as M
-from rmt_dist.train.engine import build_engine, check_step_complete, micro_step, model_dtype, model_loading, \
-    parameter_count
+from rmt_dist.train import flops
+from rmt_dist.train.engine import build_engine, check_step_complete, micro_step, model_dtype, model_loading
 from rmt_dist.train.workloads import LMWorkload, TaskWorkload, make_workload
 
 Workload = LMWorkload | TaskWorkload
@@ -73,16 +73,23 @@ class _Interval:
     loss_sum: float = 0.0
     n_tokens: float = 0.0
     tokens_trained: int = 0  # input tokens over every rank
+    steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, loss_sum: float, n_tokens: float, tokens_trained: int) -> None:
         self.loss_sum, self.n_tokens = self.loss_sum + loss_sum, self.n_tokens + n_tokens
         self.tokens_trained += tokens_trained
+        self.steps += 1
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, flops_per_step: int | None, peak_flops: float | None) -> dict[str, float]:
+        """The interval's mean loss and throughput; MFU on a GPU whose peak is known (for a model whose
+        FLOPs could be counted: ``flops.step_flops``)."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return {M.TRAIN_LOSS_INTERVAL: self.loss_sum / max(self.n_tokens, 1),
-                M.TOKENS_PER_S: self.tokens_trained / elapsed}
+        out = {M.TRAIN_LOSS_INTERVAL: self.loss_sum / max(self.n_tokens, 1),
+               M.TOKENS_PER_S: self.tokens_trained / elapsed}
+        if peak_flops and flops_per_step:
+            out[M.MFU] = flops.mfu(flops_per_step, self.steps, elapsed, peak_flops)
+        return out
 
 
 def _resume(engine: Any, workload: Workload, ctx: WorkerContext) -> int:
@@ -129,6 +136,8 @@ def run(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> None:
     workload = make_workload(cfg, ctx.rank, ctx.world_size, ctx.device)
     with model_loading(cfg):
         model = build_model(cfg, workload.vocab_size)
+        peak_flops = flops.peak_flops(ctx.device)  # None but on a known GPU
+        flops_per_step = flops.step_flops(model, cfg) if peak_flops else None  # once, on a meta copy
         engine = build_engine(model, cfg)
     if ctx.resume is not None:
         step = _resume(engine, workload, ctx)
@@ -136,7 +145,6 @@ def run(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> None:
         step = 0
         torch.manual_seed(cfg.train.seed + 1000 * ctx.rank)  # per-rank dropout streams
     memory_state_bytes = model.state_bytes_per_sequence(model_dtype(cfg))
-    peak_flops = M.peak_flops(ctx.device)  # None but on a known GPU
 
     interval = _Interval()
     while step < cfg.train.max_steps:
@@ -147,12 +155,9 @@ def run(cfg: Config, ctx: WorkerContext, reporter: Reporter) -> None:
         if step % cfg.train.eval_interval and step != cfg.train.max_steps:
             reporter.report(report)
             continue
-        report.update(interval.metrics())
+        report.update(interval.metrics(flops_per_step, peak_flops))
         report.update(_evaluate(engine, workload, step, ctx.device))
         report.update({M.PEAK_MEM_BYTES: M.peak_mem_bytes(ctx.device), M.MEMORY_STATE_BYTES: memory_state_bytes})
-        if peak_flops:
-            report[M.MFU] = M.mfu(report[M.TOKENS_PER_S] / ctx.world_size, parameter_count(model),
-                                  model.backbone.n_layers, model.backbone.d_model, cfg.data.segment_len, peak_flops)
         state = checkpoint.TrainerState(
             step=step, workload=workload.state_dict(), rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None)

@@ -30,17 +30,6 @@ MFU = "mfu"
 # Which validation metric a workload is judged by, and whether lower is better.
 PRIMARY = {"ppl": (VAL_PPL, "min"), "bpc": (VAL_BPC, "min"), "acc": (VAL_ACC, "max")}
 
-PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, by device name
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, for MFU; None on CPU and on GPUs not in PEAK_FLOPS_BF16."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
-
-
 def peak_mem_bytes(device: torch.device) -> int:
     """Accelerator peak on GPU; the process's peak resident set size on CPU."""
     if device.type == "cuda":
@@ -90,11 +79,6 @@ def validation_metrics(loss_sum: float, n_tokens: int, correct: int, metric: str
     else:
         out[VAL_ACC] = correct / max(n_tokens, 1)
     return out
-
-
-def mfu(tokens_per_s: float, n_params: int, n_layers: int, d_model: int, context: int, peak_flops: float) -> float:
-    """Model FLOPs utilisation: (6N + 12 L d T) FLOPs per token (PaLM appendix B) over the device peak."""
-    return tokens_per_s * (6 * n_params + 12 * n_layers * d_model * context) / peak_flops
 
 
 def macro_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> float:
